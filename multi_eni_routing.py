@@ -1,0 +1,1259 @@
+#!/usr/bin/env python3
+"""multi-eni-routing: make every address of every ENI of an EC2 instance reachable.
+
+The VPC drops a packet that leaves an ENI with a source address that ENI does not
+own, and Linux routes by destination only, so replies from a secondary ENI's
+addresses leave through the primary and are lost. This tool gives each ENI a
+routing table, the rules that select it, connection marks for traffic whose
+source is rewritten after routing (DNAT), and the sysctls that go with them.
+
+The file reads top to bottom as the data flows:
+
+    discover (read-only: ip -j, sysfs, IMDS) -> plan (pure) -> diff (pure)
+      -> apply (one batch per tool) -> verify (re-read; roll back on failure)
+
+Everything the tool creates carries its own marker (rule and route protocol 231,
+its priority and table ranges, its iptables chains, its state file), so a flush
+removes exactly that and nothing else.
+"""
+
+import argparse
+import collections
+import errno
+import fcntl
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+VERSION = "1.0.0"
+PROG = "multi-eni-routing"
+
+# -- Constants: the tool's markers and ranges, defined once. ----------------------
+
+# Route and rule protocol. Unassigned in /etc/iproute2/rt_protos, so nothing else
+# uses it; every rule and route the tool adds carries it.
+RT_PROTO = 231
+
+# One table per ENI: TABLE_BASE + 100 x network-card + device-number, stable across
+# reboots and re-attachment. Clear of amazon-ec2-net-utils (10000+) and cloud-init (100+).
+TABLE_BASE = 22000
+TABLE_LAST = 22999
+
+# Rule priorities, in the order the kernel walks them (slot = 16 x card + device):
+PRIO_FWMARK = 20000  # +slot: replies of connections that came in on the ENI
+PRIO_SUBNETS = 20100  # +slot: from ADDR to ENI subnets, before main's connected routes
+PRIO_MAIN = 20200  # main without its default: docker, VPN and admin routes win
+PRIO_SOURCE = 20300  # +slot: from ADDR, everything else (the ENI's default route)
+PRIO_LAST = 20399
+
+# Connmark bits: clear of Kubernetes (0x4000, 0x8000), the VPC CNI (0x80) and
+# Calico (0xffff0000). Mark of an ENI = (slot + 1) shifted into the mask.
+DEFAULT_MARK_MASK = 0x3F00
+
+CHAIN_PREROUTING = "MULTI-ENI-PREROUTING"
+CHAIN_OUTPUT = "MULTI-ENI-OUTPUT"
+JUMP_COMMENT = "multi-eni-routing"
+
+# Loose reverse-path filtering: a DNATed packet's reverse route goes through
+# the primary, so strict mode (1) would drop it on a secondary ENI.
+RP_FILTER_LOOSE = "2"
+
+IMDS_ENDPOINTS = ("169.254.169.254", "fd00:ec2::254")
+IMDS_CONNECT_TIMEOUT = 1.0  # per endpoint: two silent endpoints stay under 3 s
+IMDS_MAX_BODY = 64 * 1024  # a meta-data answer is a few hundred bytes
+IMDS_TOKEN_TTL = "60"
+
+STATE_DIR = "/run/multi-eni-routing"  # tmpfs: gone at reboot, like what it records
+LOCK_TIMEOUT = 60.0
+
+# Interfaces that are never ENIs when IMDS cannot say which are.
+VIRTUAL_NAME = re.compile(r"^(lo|docker|br-|veth|virbr|vnet|tun|tap|wg|cni|flannel|cali|vxlan|kube)")
+
+TABLE_NAMES = {"main": 254, "local": 255, "default": 253}
+TABLE_MAIN = 254
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_APPLIED = 3
+EXIT_NOT_ROOT = 4
+EXIT_MISSING_PROGRAM = 5
+
+PACKAGES = {
+    "ip": "iproute2 (Debian, Ubuntu) or iproute (Amazon Linux, RHEL)",
+    "iptables-save": "iptables",
+    "iptables-restore": "iptables",
+    "ip6tables-save": "iptables",
+    "ip6tables-restore": "iptables",
+}
+
+log = logging.getLogger(PROG)
+
+
+class ToolError(Exception):
+    """A failure the user sees as one line, with the exit code it maps to."""
+
+    def __init__(self, message, exit_code=EXIT_FAILURE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class CommandError(ToolError):
+    """A program the tool ran failed: carries its command, exit code and stderr."""
+
+    def __init__(self, argv, returncode, stderr):
+        detail = " ".join((stderr or "").split())[:300] or "no error output"
+        super().__init__("%s exited %s: %s" % (" ".join(argv), returncode, detail))
+        self.argv, self.returncode, self.stderr = argv, returncode, stderr
+
+
+# -- Running programs: the one place that does. ----------------------------------
+
+PROGRAM_ENV = dict(os.environ, LC_ALL="C")
+
+
+def run(argv, stdin=None):
+    """Run argv (never through a shell), return its stdout; raise CommandError."""
+    log.debug("run: %s", " ".join(argv))
+    proc = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=PROGRAM_ENV, universal_newlines=True)
+    if proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stderr)
+    return proc.stdout
+
+
+def run_all(commands):
+    """Run independent read-only commands at once; return their outputs in order."""
+    for argv in commands:
+        log.debug("run: %s", " ".join(argv))
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=PROGRAM_ENV, universal_newlines=True) for argv in commands]
+    outputs = []
+    for argv, proc in zip(commands, procs):
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise CommandError(argv, proc.returncode, err)
+        outputs.append(out)
+    return outputs
+
+
+def find_programs(names):
+    """Resolve program paths once; a missing one is exit 5 naming its package."""
+    paths = {}
+    for name in names:
+        path = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+        if not path:
+            raise ToolError("%s not found: install %s" % (name, PACKAGES.get(name, name)),
+                            EXIT_MISSING_PROGRAM)
+        paths[name] = path
+    return paths
+
+
+# -- Data model: plain tuples between the stages. ---------------------------------
+
+# A network interface as `ip -j -d addr` shows it; addresses are ip_interface objects.
+Link = collections.namedtuple("Link", "name index mac kind master up ipv4 ipv6")
+# A main-table route: what DHCP, RAs and the kernel left (gateways, connected subnets).
+MainRoute = collections.namedtuple("MainRoute", "family dst gateway dev protocol")
+# An ENI as the plan sees it. `imds_ipv4/6` are None when IMDS did not say.
+Eni = collections.namedtuple("Eni", [
+    "name", "mac", "device_number", "network_card", "ipv4", "ipv6", "added_ipv4", "added_ipv6",
+    "subnets4", "subnets6", "gateway4", "gateway6", "prefixes4", "prefixes6", "origin"])
+# What the tool owns, in a form both the plan and the running system produce:
+# rules, routes, mangle fragments (per family), sysctls and added addresses.
+Rule = collections.namedtuple("Rule", "family priority src fwmark table suppress")
+Route = collections.namedtuple("Route", "family table dst gateway dev")
+Mangle = collections.namedtuple("Mangle", "jumps chains")  # chains: ((name, (spec, ...)), ...)
+Address = collections.namedtuple("Address", "dev cidr")
+OwnedState = collections.namedtuple("OwnedState", "rules routes mangle4 mangle6 sysctls addresses")
+# Everything discovery read from the system.
+System = collections.namedtuple("System", "links main_routes rules routes mangle4 mangle6 sysfs netns")
+# The changes to make, one list per tool, plus sysctl writes (key, new, old).
+Changes = collections.namedtuple("Changes", "ip4 ip6 iptables4 iptables6 sysctls")
+
+NO_MANGLE = Mangle((), ())
+
+
+def slot_of(eni):
+    """The ENI's slot: orders its rules and numbers its connection mark."""
+    return 16 * eni.network_card + eni.device_number
+
+
+def table_of(eni):
+    """The ENI's routing table number."""
+    return TABLE_BASE + 100 * eni.network_card + eni.device_number
+
+
+# -- Discover: read-only. First the commands, then pure parsers of their output. --
+
+def read_system(programs):
+    """Read links, rules, routes and mangle tables in one parallel round."""
+    ip, save4, save6 = programs["ip"], programs["iptables-save"], programs["ip6tables-save"]
+    commands = [
+        [ip, "-j", "-d", "address", "show"],
+        [ip, "-j", "-4", "rule", "show"],
+        [ip, "-j", "-6", "rule", "show"],
+        [ip, "-j", "-4", "route", "show", "table", "all"],
+        [ip, "-j", "-6", "route", "show", "table", "all"],
+        [save4, "-t", "mangle"],
+        [save6, "-t", "mangle"],
+    ]
+    addr, rule4, rule6, route4, route6, mangle4, mangle6 = run_all(commands)
+    links = parse_links(load_json(addr, "ip address"))
+    rules = parse_rules(load_json(rule4, "ip -4 rule"), 4) + parse_rules(load_json(rule6, "ip -6 rule"), 6)
+    raw_routes = parse_routes(load_json(route4, "ip -4 route"), 4) + parse_routes(load_json(route6, "ip -6 route"), 6)
+    return System(
+        links=links,
+        main_routes=[r for table, r in raw_routes if table == TABLE_MAIN],
+        rules=rules,
+        routes=[r for table, r in raw_routes if isinstance(r, Route)],
+        mangle4=parse_mangle(mangle4), mangle6=parse_mangle(mangle6),
+        sysfs=read_sysfs([link.name for link in links]),
+        netns=netns_id())
+
+
+def load_json(text, what):
+    """Parse a program's JSON output, as a ToolError when it is not JSON."""
+    try:
+        return json.loads(text or "[]")
+    except ValueError:
+        raise ToolError("could not parse the JSON output of %s" % what)
+
+
+def parse_links(data):
+    """Links with their global addresses, from `ip -j -d address show`."""
+    links = []
+    for entry in data:
+        addrs = {"inet": [], "inet6": []}
+        for info in entry.get("addr_info", []):
+            if info.get("scope") == "global" and info.get("family") in addrs:
+                addrs[info["family"]].append(
+                    ipaddress.ip_interface("%s/%s" % (info["local"], info["prefixlen"])))
+        links.append(Link(
+            name=entry["ifname"], index=entry.get("ifindex", 0),
+            mac=(entry.get("address") or "").lower(),
+            kind=(entry.get("linkinfo") or {}).get("info_kind"),
+            master=entry.get("master"), up="UP" in entry.get("flags", []),
+            ipv4=tuple(addrs["inet"]), ipv6=tuple(addrs["inet6"])))
+    return links
+
+
+def table_number(value):
+    """A table as a number; `ip` prints main, local and default by name."""
+    if value is None:
+        return TABLE_MAIN
+    try:
+        return int(value)
+    except ValueError:
+        return TABLE_NAMES.get(value, value)
+
+
+def host_cidr(address, length=None):
+    """"203.0.113.5" -> "203.0.113.5/32"; with a length, the network it names."""
+    ip = ipaddress.ip_address(address)
+    return str(ipaddress.ip_network("%s/%s" % (ip, ip.max_prefixlen if length is None else length),
+                                    strict=False))
+
+
+def parse_rules(data, family):
+    """The tool's own rules (protocol RT_PROTO) from `ip -j rule show`."""
+    rules = []
+    for entry in data:
+        if str(entry.get("protocol")) != str(RT_PROTO):
+            continue
+        src = entry.get("src", "all")
+        fwmark = entry.get("fwmark")
+        rules.append(Rule(
+            family=family, priority=entry["priority"],
+            src=None if src == "all" else host_cidr(src, entry.get("srclen")),
+            fwmark=None if fwmark is None else "%s/%s" % (fwmark, entry.get("fwmask", "0xffffffff")),
+            table=table_number(entry.get("table")),
+            suppress=entry.get("suppress_prefixlen")))
+    return rules
+
+
+def parse_routes(data, family):
+    """(table, route) pairs: the tool's own routes, and main's unicast routes."""
+    routes = []
+    for entry in data:
+        table = table_number(entry.get("table"))
+        if entry.get("type", "unicast") != "unicast" or "dev" not in entry:
+            continue
+        dst = entry["dst"] if entry["dst"] == "default" else host_cidr(*entry["dst"].split("/"))
+        protocol = str(entry.get("protocol", ""))
+        if table == TABLE_MAIN:
+            routes.append((table, MainRoute(family, dst, entry.get("gateway"), entry["dev"], protocol)))
+        elif protocol == str(RT_PROTO) and isinstance(table, int) and TABLE_BASE <= table <= TABLE_LAST:
+            routes.append((table, Route(family, table, dst, entry.get("gateway"), entry["dev"])))
+    return routes
+
+
+def parse_mangle(text):
+    """The tool's jumps and chains from `iptables-save -t mangle`."""
+    ours = (CHAIN_PREROUTING, CHAIN_OUTPUT)
+    jumps, chains = [], collections.OrderedDict()
+    for line in text.splitlines():
+        if line.startswith(":") and line[1:].split(" ")[0] in ours:
+            chains.setdefault(line[1:].split(" ")[0], [])
+        elif line.startswith("-A "):
+            chain, _, spec = line[3:].partition(" ")
+            if chain in ours:
+                chains.setdefault(chain, []).append(spec)
+            elif spec.endswith(tuple("-j " + name for name in ours)):
+                jumps.append("%s %s" % (chain, spec))
+    return Mangle(tuple(sorted(jumps)), tuple(sorted((name, tuple(specs)) for name, specs in chains.items())))
+
+
+def read_sysfs(names):
+    """Per interface: (is it backed by a device, its driver). Read-only."""
+    info = {}
+    for name in names:
+        device = "/sys/class/net/%s/device" % name
+        driver = None
+        if os.path.exists(device):
+            try:
+                driver = os.path.basename(os.readlink(device + "/driver"))
+            except OSError:
+                driver = ""
+        info[name] = (os.path.exists(device), driver)
+    return info
+
+
+def read_sysctls(keys):
+    """Current values of /proc/sys keys (None where absent, e.g. a gone interface)."""
+    values = {}
+    for key in keys:
+        try:
+            with open("/proc/sys/" + key) as handle:
+                values[key] = handle.read().strip()
+        except OSError:
+            values[key] = None
+    return values
+
+
+def netns_id():
+    """The network namespace's inode: keeps state of lab namespaces apart."""
+    try:
+        own = os.stat("/proc/self/ns/net").st_ino
+        init = os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return None
+    return None if own == init else own
+
+
+# -- Discover: instance metadata (IMDSv2, bounded, never trusted blindly). --------
+
+class ImdsError(Exception):
+    """IMDS did not give a usable answer."""
+
+
+ImdsEni = collections.namedtuple("ImdsEni", [
+    "mac", "device_number", "network_card", "interface_id", "ipv4s", "ipv6s",
+    "subnets4", "subnets6", "prefixes4", "prefixes6"])
+Imds = collections.namedtuple("Imds", "primary_mac enis")
+
+
+class ImdsClient:
+    """A small IMDSv2 client: token first, v1 if the token call is unknown, retries
+    with backoff on 404 (a new ENI not propagated yet), 429 and 5xx, and one
+    deadline over everything."""
+
+    def __init__(self, timeout, endpoints=IMDS_ENDPOINTS):
+        self.deadline = time.monotonic() + timeout
+        self.endpoints = endpoints
+        self.conn = None
+        self.token = None
+
+    def remaining(self):
+        return self.deadline - time.monotonic()
+
+    def connect(self):
+        """Find an endpoint that answers and get a token; raise ImdsError if none."""
+        problems = []
+        for host in self.endpoints:
+            if self.remaining() <= 0:
+                break
+            self.conn = http.client.HTTPConnection(
+                host, 80, timeout=min(IMDS_CONNECT_TIMEOUT, self.remaining()))
+            try:
+                status, body = self.request("PUT", "/latest/api/token",
+                                            {"X-aws-ec2-metadata-token-ttl-seconds": IMDS_TOKEN_TTL})
+            except (OSError, http.client.HTTPException) as exc:
+                problems.append("%s: %s" % (host, describe_socket_error(exc)))
+                self.conn.close()
+                continue
+            if status == 200 and body.strip():
+                self.token = body.strip()
+                return host
+            if status in (404, 405):  # IMDSv1 only: GETs without a token
+                return host
+            problems.append("%s: token refused (HTTP %s)" % (host, status))
+            self.conn.close()
+        raise ImdsError("; ".join(problems) or "no time left")
+
+    def request(self, method, path, headers):
+        """One HTTP exchange on the kept-alive connection: (status, body text)."""
+        if self.token:
+            headers = dict(headers, **{"X-aws-ec2-metadata-token": self.token})
+        self.conn.timeout = max(0.05, min(IMDS_CONNECT_TIMEOUT, self.remaining()))
+        if self.conn.sock is not None:
+            self.conn.sock.settimeout(self.conn.timeout)
+        try:
+            self.conn.request(method, path, headers=headers)
+            response = self.conn.getresponse()
+            body = response.read(IMDS_MAX_BODY + 1)
+        except (OSError, http.client.HTTPException):
+            self.conn.close()  # the next request reconnects
+            raise
+        if len(body) > IMDS_MAX_BODY:
+            self.conn.close()
+            raise ImdsError("%s: answer larger than %d bytes" % (path, IMDS_MAX_BODY))
+        try:
+            return response.status, body.decode("ascii")
+        except UnicodeDecodeError:
+            raise ImdsError("%s: answer is not text" % path)
+
+    def get(self, path, missing_ok=True, retry_missing=False):
+        """GET a meta-data path; None for a 404 when missing_ok and not retried."""
+        delay = 0.05
+        while True:
+            try:
+                status, body = self.request("GET", "/latest/meta-data/" + path, {})
+            except (OSError, http.client.HTTPException) as exc:
+                status, body = None, describe_socket_error(exc)
+            if status == 200:
+                return body
+            if status == 404 and missing_ok and not retry_missing:
+                return None
+            if status in (401, 403):
+                raise ImdsError("%s: HTTP %s (token not accepted)" % (path, status))
+            if status not in (None, 404, 429, 500, 502, 503, 504):
+                raise ImdsError("%s: unexpected HTTP %s" % (path, status))
+            if self.remaining() < delay:
+                if status == 404 and missing_ok:
+                    return None
+                raise ImdsError("%s: %s, still after retries" % (
+                    path, "HTTP %s" % status if status else body))
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def describe_socket_error(exc):
+    """A short reason for a network failure."""
+    if isinstance(exc, socket.timeout):
+        return "no answer (timed out)"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or exc.__class__.__name__
+
+
+def fetch_imds(timeout):
+    """The instance's ENIs from IMDS; raises ImdsError on any doubtful answer."""
+    client = ImdsClient(timeout)
+    client.connect()
+    try:
+        primary = parse_mac(client.get("mac", missing_ok=False))
+        listing = client.get("network/interfaces/macs/", missing_ok=False)
+        macs = [parse_mac(line.strip().rstrip("/")) for line in listing.split() if line.strip()]
+        if primary not in macs:
+            raise ImdsError("the primary MAC %s is not among the ENIs" % primary)
+        enis = {}
+        for mac in macs:
+            enis[mac] = fetch_imds_eni(client, mac, is_primary=(mac == primary))
+    finally:
+        client.conn.close()
+    return Imds(primary, enis)
+
+
+def fetch_imds_eni(client, mac, is_primary):
+    """One ENI's meta-data. A listed ENI may 404 or say device 0 for a moment."""
+    base = "network/interfaces/macs/%s/" % mac
+
+    def field(name, retry_missing=False):
+        return client.get(base + name, retry_missing=retry_missing)
+
+    device_number = parse_int(field("device-number", retry_missing=True), "device-number")
+    while device_number == 0 and not is_primary and client.remaining() > 0.1:
+        time.sleep(0.1)  # a just-attached ENI reports 0 before its real number
+        device_number = parse_int(field("device-number", retry_missing=True), "device-number")
+    if device_number == 0 and not is_primary:
+        raise ImdsError("%s: device-number stays 0 for a secondary ENI" % mac)
+    card = field("network-card")
+    return ImdsEni(
+        mac=mac, device_number=device_number,
+        network_card=0 if card is None else parse_int(card, "network-card"),
+        interface_id=(field("interface-id") or "").strip(),
+        ipv4s=parse_addresses(field("local-ipv4s", retry_missing=True), 4, "local-ipv4s"),
+        ipv6s=parse_addresses(field("ipv6s"), 6, "ipv6s"),
+        subnets4=parse_networks(field("subnet-ipv4-cidr-block"), 4, "subnet-ipv4-cidr-block"),
+        subnets6=parse_networks(field("subnet-ipv6-cidr-blocks"), 6, "subnet-ipv6-cidr-blocks"),
+        prefixes4=parse_networks(field("ipv4-prefix"), 4, "ipv4-prefix"),
+        prefixes6=parse_networks(field("ipv6-prefix"), 6, "ipv6-prefix"))
+
+
+def parse_mac(text):
+    """A MAC address, lower case; ImdsError for anything else."""
+    mac = (text or "").strip().lower()
+    if not re.match(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", mac):
+        raise ImdsError("not a MAC address: %r" % mac[:40])
+    return mac
+
+
+def parse_int(text, what):
+    """A small non-negative integer from IMDS."""
+    value = (text or "").strip()
+    if not value.isdigit() or int(value) > 255:
+        raise ImdsError("%s is not a small number: %r" % (what, value[:40]))
+    return int(value)
+
+
+def parse_addresses(text, family, what):
+    """Newline-separated addresses of one family; () for a missing field."""
+    return tuple(str(a) for a in parse_values(text, family, what, ipaddress.ip_address))
+
+
+def parse_networks(text, family, what):
+    """Newline-separated networks of one family; () for a missing field."""
+    return tuple(parse_values(text, family, what, lambda v: ipaddress.ip_network(v, strict=False)))
+
+
+def parse_values(text, family, what, parse):
+    values = []
+    for word in (text or "").split():
+        try:
+            value = parse(word)
+        except ValueError:
+            raise ImdsError("%s: not an address: %r" % (what, word[:60]))
+        if value.version != family:
+            raise ImdsError("%s: %s is not IPv%d" % (what, word, family))
+        values.append(value)
+    return values
+
+
+# -- Choosing the ENIs (pure). ----------------------------------------------------
+
+def looks_like_nic(link, sysfs):
+    """A physical (or paravirtual) NIC: has a device, is no bridge/veth/tunnel."""
+    has_device, _ = sysfs.get(link.name, (False, None))
+    return (has_device and link.kind is None and link.master is None
+            and bool(link.mac) and not VIRTUAL_NAME.match(link.name))
+
+
+def managed_tables(system):
+    """Interface name -> table the tool routes it with now (survives IMDS gaps)."""
+    tables = {}
+    for route in system.routes:
+        tables.setdefault(route.dev, route.table)
+    return tables
+
+
+def select_enis(system, imds, include=(), exclude=(), add_from_imds=True, owned_addresses=frozenset()):
+    """The ENIs to route, primary first, each with its addresses, subnets and gateways.
+    `owned_addresses` are those the tool added earlier (from its state record)."""
+    links = {link.name: link for link in system.links}
+    by_mac = {link.mac: link for link in system.links if link.mac}
+    known = managed_tables(system)
+    chosen = []  # (link, device_number, network_card, imds_eni)
+    if include:
+        for position, name in enumerate(include):
+            link = links[name]
+            meta = imds.enis.get(link.mac) if imds else None
+            chosen.append((link, meta.device_number if meta else position,
+                           meta.network_card if meta else 0, meta))
+    elif imds:
+        for mac, meta in sorted(imds.enis.items(), key=lambda kv: (kv[0] != imds.primary_mac,
+                                                                    kv[1].network_card, kv[1].device_number)):
+            if mac in by_mac:
+                chosen.append((by_mac[mac], meta.device_number, meta.network_card, meta))
+            else:
+                log.info("ENI %s (%s) has no interface here yet", meta.interface_id or mac, mac)
+    else:
+        chosen = fallback_nics(system, known)
+    # An ENI routed before but missing from this answer keeps its table.
+    names = {link.name for link, _, _, _ in chosen}
+    if not include:
+        for name, table in sorted(known.items()):
+            if name in links and name not in names:
+                log.warning("%s is routed but missing from the current answer: kept as it is", name)
+                chosen.append((links[name], (table - TABLE_BASE) % 100, (table - TABLE_BASE) // 100, None))
+    chosen = [c for c in chosen if c[0].name not in exclude]
+    owned = {(a.dev, a.cidr.split("/")[0]) for a in owned_addresses}
+    return [build_eni(link, dev, card, meta, system.main_routes, add_from_imds, owned)
+            for link, dev, card, meta in chosen]
+
+
+def fallback_nics(system, known):
+    """Without IMDS: the NICs, the one with main's default route first."""
+    nics = [link for link in system.links if looks_like_nic(link, system.sysfs)]
+    default_devs = [r.dev for r in system.main_routes if r.family == 4 and r.dst == "default"]
+    nics.sort(key=lambda link: (link.name not in default_devs[:1], link.index))
+    used = {(t - TABLE_BASE) % 100 for t in known.values()}
+    chosen, next_free = [], 0
+    for position, link in enumerate(nics):
+        if link.name in known:
+            number = (known[link.name] - TABLE_BASE) % 100
+        elif position == 0:
+            number = 0
+        else:
+            while next_free in used or next_free == 0:
+                next_free += 1
+            number = next_free
+            used.add(number)
+        chosen.append((link, number, 0, None))
+    return chosen
+
+
+def build_eni(link, device_number, network_card, meta, main_routes, add_from_imds, owned=frozenset()):
+    """Combine what the interface has, what main says and what IMDS says.
+    With a full IMDS answer, an address the tool added that IMDS no longer lists
+    is neither kept nor routed; one the admin configured always stays."""
+    ipv4, added4 = addresses_of(link.name, link.ipv4, meta and meta.ipv4s, add_from_imds, owned)
+    ipv6, added6 = addresses_of(link.name, link.ipv6, meta and meta.ipv6s, add_from_imds, owned)
+    connected = [r for r in main_routes if r.dev == link.name and r.gateway is None and r.dst != "default"]
+    subnets4 = (meta.subnets4 if meta and meta.subnets4 else
+                unique(ipaddress.ip_network(r.dst) for r in connected if r.family == 4)
+                or unique(a.network for a in link.ipv4 if a.network.prefixlen < 32))
+    subnets6 = (meta.subnets6 if meta and meta.subnets6 else
+                unique(ipaddress.ip_network(r.dst) for r in connected
+                       if r.family == 6 and not ipaddress.ip_network(r.dst).is_link_local
+                       and not ipaddress.ip_network(r.dst).is_multicast)
+                or unique(a.network for a in link.ipv6 if a.network.prefixlen < 128))
+    return Eni(
+        name=link.name, mac=link.mac, device_number=device_number, network_card=network_card,
+        ipv4=ipv4, ipv6=ipv6,
+        added_ipv4=added4, added_ipv6=added6,
+        subnets4=tuple(subnets4), subnets6=tuple(subnets6),
+        gateway4=gateway4_of(link.name, subnets4, main_routes),
+        gateway6=next((r.gateway for r in main_routes if r.family == 6 and r.dst == "default"
+                       and r.dev == link.name and r.gateway), None),
+        prefixes4=tuple(meta.prefixes4) if meta else (), prefixes6=tuple(meta.prefixes6) if meta else (),
+        origin="imds" if meta else "local")
+
+
+def addresses_of(dev, configured, listed, add_from_imds, owned):
+    """(addresses to route, addresses the tool adds or keeps) of one family."""
+    mine = [str(a.ip) for a in configured if (dev, str(a.ip)) in owned]
+    theirs = [str(a.ip) for a in configured if (dev, str(a.ip)) not in owned]
+    if listed is None:  # no IMDS answer: what the tool added stays
+        return tuple(theirs + mine), tuple(mine)
+    added = tuple(a for a in listed if a not in theirs) if add_from_imds else ()
+    return tuple(theirs) + added, added
+
+
+def gateway4_of(dev, subnets4, main_routes):
+    """The VPC router: the subnet's base + 1, else the default route DHCP set."""
+    if subnets4:
+        return str(subnets4[0].network_address + 1)
+    return next((r.gateway for r in main_routes
+                 if r.family == 4 and r.dst == "default" and r.dev == dev and r.gateway), None)
+
+
+def unique(items):
+    """Items in first-seen order, without repeats."""
+    seen = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+# -- Plan (pure): the state the system should be in. ------------------------------
+
+def plan(enis, mark_mask=DEFAULT_MARK_MASK):
+    """The owned state that routes every ENI address through its own ENI."""
+    addresses = frozenset(Address(eni.name, host_cidr(a)) for eni in enis
+                          for a in eni.added_ipv4 + eni.added_ipv6)
+    if len(enis) < 2:  # one ENI: main already routes it; only add its addresses
+        return OwnedState(frozenset(), frozenset(), NO_MANGLE, NO_MANGLE, {}, addresses)
+    rules, routes, marked = set(), set(), {4: [], 6: []}
+    for eni in enis:
+        for family in (4, 6):
+            eni_rules, eni_routes = plan_family(eni, enis, family, mark_mask)
+            rules |= eni_rules
+            routes |= eni_routes
+            if eni_rules:
+                marked[family].append(eni)
+    for family in (4, 6):
+        if marked[family]:
+            rules.add(Rule(family, PRIO_MAIN, None, None, TABLE_MAIN, 0))
+    sysctls = {"net/ipv4/conf/%s/rp_filter" % eni.name: RP_FILTER_LOOSE for eni in marked[4]}
+    return OwnedState(frozenset(rules), frozenset(routes),
+                      plan_mangle(marked[4], mark_mask), plan_mangle(marked[6], mark_mask),
+                      sysctls, addresses)
+
+
+def plan_family(eni, enis, family, mark_mask):
+    """One ENI's rules and table routes for one address family."""
+    addrs = eni.ipv4 if family == 4 else eni.ipv6
+    prefixes = eni.prefixes4 if family == 4 else eni.prefixes6
+    own_subnets = eni.subnets4 if family == 4 else eni.subnets6
+    gateway = eni.gateway4 if family == 4 else eni.gateway6
+    sources = [host_cidr(a) for a in addrs] + [str(p) for p in prefixes]
+    if not sources or not (gateway or own_subnets):
+        return set(), set()
+    table, slot = table_of(eni), slot_of(eni)
+    routes = {Route(family, table, str(s), None, eni.name) for s in own_subnets}
+    if gateway:
+        other_subnets = {s for other in enis for s in (other.subnets4 if family == 4 else other.subnets6)}
+        routes |= {Route(family, table, str(s), gateway, eni.name)
+                   for s in other_subnets if s not in own_subnets}
+        routes.add(Route(family, table, "default", gateway, eni.name))
+    rules = {Rule(family, PRIO_FWMARK + slot, None, mark_of(eni, mark_mask), table, None)}
+    for src in sources:
+        rules.add(Rule(family, PRIO_SUBNETS + slot, src, None, table, 0))
+        rules.add(Rule(family, PRIO_SOURCE + slot, src, None, table, None))
+    return rules, routes
+
+
+def mark_of(eni, mark_mask):
+    """The ENI's connection mark as `value/mask`, slot + 1 shifted into the mask."""
+    shift = (mark_mask & -mark_mask).bit_length() - 1
+    value = (slot_of(eni) + 1) << shift
+    if value & ~mark_mask:
+        raise ToolError("mark mask %#x has no room for %s (slot %d): use a wider --mark-mask"
+                        % (mark_mask, eni.name, slot_of(eni)))
+    return "%#x/%#x" % (value, mark_mask)
+
+
+def plan_mangle(enis, mark_mask):
+    """Mark new connections per ingress ENI; restore the mark on everything else.
+    Packets from an ENI return before the restore: only replies coming from
+    containers, bridges or local sockets are steered by the mark."""
+    if not enis:
+        return NO_MANGLE
+    restore = "-j CONNMARK --restore-mark --nfmask %#x --ctmask %#x" % (mark_mask, mark_mask)
+    prerouting = []
+    for eni in enis:
+        prerouting.append("-i %s -m conntrack --ctstate NEW -j CONNMARK --set-xmark %s"
+                          % (eni.name, mark_of(eni, mark_mask)))
+        prerouting.append("-i %s -j RETURN" % eni.name)
+    prerouting.append(restore)
+    # Sorted, as parse_mangle returns them, so that equal states compare equal.
+    return Mangle(
+        jumps=tuple(sorted("%s -m comment --comment %s -j %s" % (hook, JUMP_COMMENT, chain)
+                           for hook, chain in (("PREROUTING", CHAIN_PREROUTING), ("OUTPUT", CHAIN_OUTPUT)))),
+        chains=tuple(sorted(((CHAIN_PREROUTING, tuple(prerouting)), (CHAIN_OUTPUT, (restore,))))))
+
+
+# -- The state the tool owns now, in the plan's shape. ----------------------------
+
+def originals_of(record):
+    """Sysctl values from before the tool changed them: the one piece of state
+    that cannot be read back from the system itself."""
+    return {key: entry["original"] for key, entry in record.get("sysctls", {}).items()}
+
+
+def owned_state(system, record):
+    """What of the running system is the tool's: by marker, or by its state record."""
+    present = {(link.name, str(a.ip)) for link in system.links for a in link.ipv4 + link.ipv6}
+    addresses = frozenset(Address(dev, cidr) for dev, cidr in record.get("addresses", [])
+                          if (dev, cidr.split("/")[0]) in present)
+    sysctls = {key: entry["set"] for key, entry in record.get("sysctls", {}).items()}
+    return OwnedState(frozenset(system.rules), frozenset(system.routes),
+                      system.mangle4, system.mangle6, sysctls, addresses)
+
+
+# -- Diff (pure): the commands that take the system from current to desired. ------
+
+def diff(desired, current, sysctl_values, originals):
+    """Commands per tool, ordered so that nothing points at what is not there yet:
+    addresses, then routes, then rules are added; removals run the other way."""
+    ip = {4: [], 6: []}
+    for family in (4, 6):
+        ip[family] = (
+            [address_command("add", a) for a in sorted(desired.addresses - current.addresses)
+             if family_of(a.cidr) == family]
+            + route_additions(desired.routes, current.routes, family)
+            + [rule_command("add", r) for r in sorted(desired.rules - current.rules, key=rule_order)
+               if r.family == family]
+            + [rule_command("del", r) for r in sorted(current.rules - desired.rules, key=rule_order)
+               if r.family == family]
+            + route_removals(desired.routes, current.routes, family)
+            + [address_command("del", a) for a in sorted(current.addresses - desired.addresses)
+               if family_of(a.cidr) == family])
+    return Changes(
+        ip4=ip[4], ip6=ip[6],
+        iptables4=mangle_commands(desired.mangle4, current.mangle4),
+        iptables6=mangle_commands(desired.mangle6, current.mangle6),
+        sysctls=sysctl_writes(desired.sysctls, current.sysctls, sysctl_values, originals))
+
+
+def family_of(cidr):
+    return 6 if ":" in cidr else 4
+
+
+def rule_order(rule):
+    return (rule.priority, rule.src or "", rule.fwmark or "", rule.table)
+
+
+def route_order(route):
+    """Connected routes first: a gateway must be reachable when its route is added."""
+    return (route.table, route.gateway is not None, route.dst == "default", route.dst)
+
+
+def route_additions(desired, current, family):
+    wanted = sorted((r for r in desired - current if r.family == family), key=route_order)
+    return [route_command("replace", r) for r in wanted]
+
+
+def route_removals(desired, current, family):
+    """Removals, except routes a `replace` above already overwrote (same table, dst)."""
+    replaced = {(r.table, r.dst) for r in desired}
+    stale = sorted((r for r in current - desired if r.family == family
+                    and (r.table, r.dst) not in replaced), key=route_order, reverse=True)
+    return [route_command("del", r) for r in stale]
+
+
+def rule_command(verb, rule):
+    words = ["rule", verb, "priority", str(rule.priority)]
+    if rule.src:
+        words += ["from", rule.src]
+    if rule.fwmark:
+        words += ["fwmark", rule.fwmark]
+    words += ["table", "main" if rule.table == TABLE_MAIN else str(rule.table)]
+    if rule.suppress is not None:
+        words += ["suppress_prefixlength", str(rule.suppress)]
+    return " ".join(words + ["protocol", str(RT_PROTO)])
+
+
+def route_command(verb, route):
+    words = ["route", verb, route.dst]
+    if route.gateway:
+        words += ["via", route.gateway]
+    return " ".join(words + ["dev", route.dev, "table", str(route.table), "proto", str(RT_PROTO)])
+
+
+def address_command(verb, address):
+    # nodad: the VPC already guarantees the address is this ENI's alone.
+    extra = " nodad" if verb == "add" and family_of(address.cidr) == 6 else ""
+    return "address %s %s dev %s%s" % (verb, address.cidr, address.dev, extra)
+
+
+def mangle_commands(desired, current):
+    """iptables-restore lines (table mangle) turning current into desired; [] if equal.
+    Chains are rebuilt whole: one restore commits them atomically."""
+    if desired == current:
+        return []
+    lines = []
+    current_chains = dict(current.chains)
+    for name, specs in desired.chains:
+        lines.append(("-F %s" if name in current_chains else "-N %s") % name)
+        lines += ["-A %s %s" % (name, spec) for spec in specs]
+    for jump in current.jumps:
+        if jump not in desired.jumps or current.jumps.count(jump) > 1:
+            lines.append("-D " + jump)
+    for jump in desired.jumps:
+        if jump not in current.jumps or current.jumps.count(jump) > 1:
+            hook, _, spec = jump.partition(" ")
+            lines.append("-I %s 1 %s" % (hook, spec))
+    for name, _ in current.chains:
+        if name not in dict(desired.chains):
+            lines += ["-F %s" % name, "-X %s" % name]
+    return lines
+
+
+def sysctl_writes(desired, owned, values, originals):
+    """(key, new, old) writes: set what the plan wants, and give back the original
+    of what it no longer wants, unless someone else changed it since."""
+    writes = []
+    for key, value in sorted(desired.items()):
+        if values.get(key) is not None and values[key] != value:
+            writes.append((key, value, values[key]))
+    for key, ours in sorted(owned.items()):
+        original = originals.get(key)
+        if key not in desired and values.get(key) == ours and original not in (None, ours):
+            writes.append((key, original, ours))
+    return writes
+
+
+def is_empty(changes):
+    return not any(changes)
+
+
+def render(changes):
+    """The changes as the exact commands, one per line, for --dry-run and logs."""
+    lines = ["ip -4 " + c for c in changes.ip4] + ["ip -6 " + c for c in changes.ip6]
+    lines += ["iptables -t mangle " + c for c in changes.iptables4]
+    lines += ["ip6tables -t mangle " + c for c in changes.iptables6]
+    lines += ["sysctl -w %s=%s" % (key.replace("/", "."), new) for key, new, _ in changes.sysctls]
+    return lines
+
+
+# -- Apply: one batch per tool; the state record; verify; roll back. --------------
+
+def apply_changes(programs, changes, fail_after=0):
+    """Run the batches: ip per family, iptables-restore per family, then sysctls.
+    `fail_after` N > 0 (a test hook) fails the run once N steps ran."""
+    steps = [
+        (changes.ip4, lambda: run([programs["ip"], "-4", "-batch", "-"], "\n".join(changes.ip4) + "\n")),
+        (changes.ip6, lambda: run([programs["ip"], "-6", "-batch", "-"], "\n".join(changes.ip6) + "\n")),
+        (changes.iptables4, lambda: restore(programs["iptables-restore"], changes.iptables4)),
+        (changes.iptables6, lambda: restore(programs["ip6tables-restore"], changes.iptables6)),
+        (changes.sysctls, lambda: write_sysctls(changes.sysctls)),
+    ]
+    done = 0
+    for work, step in steps:
+        if not work:
+            continue
+        step()
+        done += 1
+        if done == fail_after:
+            raise ToolError("failure injected after step %d (MULTI_ENI_ROUTING_FAIL_AFTER)" % done)
+
+
+def restore(program, lines):
+    """One atomic iptables-restore of the mangle table, leaving other chains alone."""
+    run([program, "-w", "10", "--noflush"], "*mangle\n%s\nCOMMIT\n" % "\n".join(lines))
+
+
+def write_sysctls(writes):
+    for key, value, _ in writes:
+        log.debug("sysctl: %s = %s", key, value)
+        with open("/proc/sys/" + key, "w") as handle:
+            handle.write(value)
+
+
+def state_path(state_dir, netns):
+    """The state record of this network namespace."""
+    return os.path.join(state_dir, "state.json" if netns is None else "state-netns-%d.json" % netns)
+
+
+def load_record(path):
+    """The state record: sysctl originals and addresses the tool added."""
+    try:
+        with open(path) as handle:
+            record = json.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ToolError("cannot read the state record %s: %s" % (path, exc))
+    return record if isinstance(record, dict) else {}
+
+
+def save_record(path, record):
+    """Write the record atomically; remove it when there is nothing to remember."""
+    if not record.get("sysctls") and not record.get("addresses"):
+        if os.path.exists(path):
+            os.unlink(path)
+        return
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(record, handle, indent=1, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def merge_record(record, desired, changes):
+    """The record after this run: originals kept from the first change on, and
+    the addresses the tool added. Written before applying, so that a crash
+    midway still knows what to give back."""
+    sysctls = dict(record.get("sysctls", {}))
+    for key, new, old in changes.sysctls:
+        if key in desired.sysctls:
+            sysctls.setdefault(key, {"original": old, "set": new})
+    addresses = {tuple(a) for a in record.get("addresses", [])}
+    addresses |= {(a.dev, a.cidr) for a in desired.addresses}
+    return {"sysctls": sysctls, "addresses": sorted(addresses)}
+
+
+def final_record(record, desired):
+    """The record once the system matches `desired`."""
+    return {"sysctls": {k: v for k, v in record.get("sysctls", {}).items() if k in desired.sysctls},
+            "addresses": sorted((a.dev, a.cidr) for a in desired.addresses)}
+
+
+class Run:
+    """One converge run: reads the system, applies, verifies, rolls back."""
+
+    def __init__(self, programs, state_file, fail_after=0):
+        self.programs = programs
+        self.state_file = state_file
+        self.fail_after = fail_after
+        self.record = {}
+
+    def read(self):
+        """Read the system and the state record; return (system, owned state)."""
+        system = read_system(self.programs)
+        self.record = load_record(self.state_file)
+        return system, owned_state(system, self.record)
+
+    def changes(self, desired, owned):
+        keys = set(desired.sysctls) | set(owned.sysctls)
+        return diff(desired, owned, read_sysctls(keys), originals_of(self.record))
+
+    def converge(self, desired, owned):
+        """Apply, verify, and roll back to where it started if anything fails."""
+        record = self.record
+        changes = self.changes(desired, owned)
+        if is_empty(changes):
+            save_record(self.state_file, final_record(record, desired))
+            return changes
+        merged = merge_record(record, desired, changes)
+        save_record(self.state_file, merged)
+        try:
+            apply_changes(self.programs, changes, self.fail_after)
+            _, now = self.read()
+            left = self.changes(desired, now)
+            if not is_empty(left):
+                raise ToolError("verification failed: still pending: %s" % render(left)[0])
+        except (ToolError, OSError) as exc:
+            self.roll_back(owned, record, changes)
+            raise ToolError("%s; rolled back to the state before the run" % exc)
+        save_record(self.state_file, final_record(merged, desired))
+        return changes
+
+    def roll_back(self, before, record, changes):
+        """Converge back to the owned state read before the run."""
+        try:
+            _, now = self.read()
+            undo = self.changes(before, now)
+            undo = undo._replace(sysctls=[(key, old, new) for key, new, old in reversed(changes.sysctls)])
+            apply_changes(self.programs, undo)
+            save_record(self.state_file, record)
+        except (ToolError, OSError) as exc:
+            log.error("roll back failed too: %s", exc)
+
+
+# -- Lock: boot and hotplug runs one after the other. -----------------------------
+
+def take_lock(state_dir, timeout=LOCK_TIMEOUT):
+    """An exclusive flock on <state_dir>/lock, waiting up to `timeout` seconds."""
+    os.makedirs(state_dir, mode=0o755, exist_ok=True)
+    handle = open(os.path.join(state_dir, "lock"), "a")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() > deadline:
+                raise ToolError("another run holds %s for over %ds" % (handle.name, timeout))
+            time.sleep(0.05)
+
+
+# -- Status. ----------------------------------------------------------------------
+
+def status_report(enis, owned, changes):
+    """Per ENI: its table, addresses (with origin), gateways and owned rules."""
+    report = {"applied": bool(owned.rules or owned.routes or owned.addresses),
+              "in_sync": is_empty(changes), "pending": render(changes), "enis": []}
+    for eni in enis:
+        table = table_of(eni)
+        added = set(eni.added_ipv4 + eni.added_ipv6) | {a.cidr.split("/")[0] for a in owned.addresses
+                                                         if a.dev == eni.name}
+        report["enis"].append({
+            "name": eni.name, "mac": eni.mac, "device_number": eni.device_number,
+            "network_card": eni.network_card, "table": table, "found_by": eni.origin,
+            "addresses": [{"address": a, "origin": "imds" if a in added else "configured"}
+                          for a in eni.ipv4 + eni.ipv6],
+            "delegated_prefixes": [str(p) for p in eni.prefixes4 + eni.prefixes6],
+            "gateway4": eni.gateway4, "gateway6": eni.gateway6,
+            "rules": sum(1 for r in owned.rules if r.table == table),
+            "routes": sum(1 for r in owned.routes if r.table == table)})
+    return report
+
+
+def print_status(report):
+    state = ("in sync" if report["in_sync"] else "stale") if report["applied"] else "not applied"
+    print("multi-eni-routing: %s" % state)
+    for eni in report["enis"]:
+        print("%s  table %d  device %d card %d  (%s)  gw %s%s  rules %d routes %d" % (
+            eni["name"], eni["table"], eni["device_number"], eni["network_card"], eni["found_by"],
+            eni["gateway4"] or "-", " / " + eni["gateway6"] if eni["gateway6"] else "",
+            eni["rules"], eni["routes"]))
+        for address in eni["addresses"]:
+            print("    %s (%s)" % (address["address"], address["origin"]))
+        for prefix in eni["delegated_prefixes"]:
+            print("    %s (delegated prefix)" % prefix)
+    for line in report["pending"]:
+        print("  pending: " + line)
+
+
+# -- Command line. ----------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="multi-eni-routing.py",
+        description="Give every ENI of this EC2 instance its own policy routing, so that "
+                    "every address of every ENI answers through its own ENI. Without an "
+                    "action: apply (converge to the plan; safe to repeat).",
+        epilog="Exit codes: 0 success; 1 failure (the run was rolled back), or with --status "
+               "applied but stale; 2 bad usage; 3 with --status: nothing applied; "
+               "4 not root; 5 a required program is missing.")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("-f", "--flush", action="store_true",
+                        help="remove every rule, route, chain and address the tool added and give "
+                             "back the sysctls it changed; touches nothing else")
+    action.add_argument("--status", action="store_true",
+                        help="show what is applied per ENI; exit 0 in sync, 1 stale, 3 not applied")
+    parser.add_argument("-n", "--dry-run", action="store_true",
+                        help="print the commands apply (or flush, with -f) would run, change nothing")
+    parser.add_argument("--json", action="store_true", help="with --status: machine-readable output")
+    parser.add_argument("-i", "--interface", action="append", default=[], metavar="NAME",
+                        help="route exactly these interfaces as the ENIs, the first being the "
+                             "primary (repeatable); default: the ENIs IMDS lists")
+    parser.add_argument("-x", "--exclude", action="append", default=[], metavar="NAME",
+                        help="never route this interface (repeatable)")
+    parser.add_argument("--no-imds", action="store_true",
+                        help="never contact the instance metadata service; use the NICs found here")
+    parser.add_argument("--no-imds-addresses", action="store_true",
+                        help="route only the addresses configured on the interfaces; do not add "
+                             "the secondary addresses IMDS lists")
+    parser.add_argument("--imds-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="bound on all IMDS requests with retries (default 5); an IMDS that "
+                             "does not answer at all is given up on within 2 s")
+    parser.add_argument("--mark-mask", type=mark_mask_arg, default=DEFAULT_MARK_MASK, metavar="MASK",
+                        help="connmark bits the tool may use (default %#x)" % DEFAULT_MARK_MASK)
+    parser.add_argument("--state-dir", default=STATE_DIR, metavar="DIR",
+                        help="where the lock and the state record live (default %s)" % STATE_DIR)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: commands)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less output")
+    parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
+    args = parser.parse_args(argv)
+    if args.json and not args.status:
+        parser.error("--json goes with --status")
+    return args
+
+
+def mark_mask_arg(text):
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number: %r" % text)
+    run_of_bits = value >> ((value & -value).bit_length() - 1) if value > 0 else 0
+    if not 0 < value <= 0xFFFFFFFF or run_of_bits & (run_of_bits + 1):
+        raise argparse.ArgumentTypeError("%r is not one run of set bits" % text)
+    return value
+
+
+def setup_logging(verbose, quiet):
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
+        max(-1, min(verbose - quiet, 2)), logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%s: %%(levelname)s: %%(message)s" % PROG))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+
+
+def discover_imds(args):
+    """IMDS's view, or None (and why) when it is not asked or does not answer."""
+    if args.no_imds:
+        return None
+    try:
+        return fetch_imds(args.imds_timeout)
+    except ImdsError as exc:
+        log.warning("instance metadata not usable (%s): using the interfaces found here", exc)
+        return None
+
+
+def check_interfaces(args, system):
+    names = {link.name for link in system.links}
+    for name in args.interface:
+        if name not in names:
+            raise ToolError("no such interface: %s" % name, EXIT_USAGE)
+
+
+def main(argv=None):
+    """Run the tool; return its exit code. Errors are one line on stderr."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    setup_logging(args.verbose, args.quiet)
+    started = time.monotonic()
+    try:
+        return execute(args, started)
+    except ToolError as exc:
+        sys.stderr.write("%s: error: %s\n" % (PROG, exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("%s: interrupted\n" % PROG)
+        return EXIT_FAILURE
+
+
+def execute(args, started):
+    if os.geteuid() != 0:
+        raise ToolError("must run as root", EXIT_NOT_ROOT)
+    programs = find_programs(["ip", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"])
+    read_only = args.dry_run or args.status
+    lock = None if read_only else take_lock(args.state_dir)
+    try:
+        fail_after = int(os.environ.get("MULTI_ENI_ROUTING_FAIL_AFTER") or 0)
+        state = Run(programs, state_path(args.state_dir, netns_id()), fail_after)
+        system, owned = state.read()
+        check_interfaces(args, system)
+        enis, desired = desired_state(args, system, owned)
+        if args.status:
+            return show_status(args, enis, owned, state.changes(desired, owned))
+        if args.dry_run:
+            changes = state.changes(desired, owned)
+            print("\n".join(render(changes)) if not is_empty(changes) else "in sync: nothing to do")
+            return EXIT_OK
+        changes = state.converge(desired, owned)
+        summarize(args, enis, desired, changes, started)
+        return EXIT_OK
+    finally:
+        if lock:
+            lock.close()
+
+
+def desired_state(args, system, owned):
+    """(ENIs, owned state to converge to): empty for a flush."""
+    if args.flush:
+        return [], OwnedState(frozenset(), frozenset(), NO_MANGLE, NO_MANGLE, {}, frozenset())
+    imds = discover_imds(args)
+    enis = select_enis(system, imds, args.interface, args.exclude,
+                       add_from_imds=not args.no_imds_addresses, owned_addresses=owned.addresses)
+    desired = plan(enis, args.mark_mask)
+    if imds is None:  # no full answer: never remove addresses added earlier
+        desired = desired._replace(addresses=desired.addresses | owned.addresses)
+    return enis, desired
+
+
+def show_status(args, enis, owned, changes):
+    """Print the status; its exit code: 0 in sync, 1 stale, 3 not applied."""
+    report = status_report(enis, owned, changes)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_status(report)
+    if not report["applied"]:
+        return EXIT_NOT_APPLIED
+    return EXIT_OK if report["in_sync"] else EXIT_FAILURE
+
+
+def summarize(args, enis, desired, changes, started):
+    """One line on stdout saying what the run did."""
+    elapsed = (time.monotonic() - started) * 1000
+    count = len(render(changes))
+    if args.quiet:
+        return
+    if args.flush:
+        print("flushed: %d change(s) in %.0f ms" % (count, elapsed) if count else "flushed: nothing was applied")
+    elif is_empty(changes):
+        print("in sync: nothing to do (%d ENI(s), %d rule(s))" % (len(enis), len(desired.rules)))
+    elif len(enis) < 2 and not desired.rules:
+        print("applied: %d change(s); one ENI needs no policy routing" % count)
+    else:
+        print("applied: %d ENI(s) [%s], %d rule(s), %d route(s): %d change(s) in %.0f ms" % (
+            len(enis), ", ".join(e.name for e in enis), len(desired.rules), len(desired.routes),
+            count, elapsed))
+
+
+def console_main():
+    """Entry point of the `multi-eni-routing` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
