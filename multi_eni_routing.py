@@ -194,30 +194,38 @@ def table_of(eni):
 
 # -- Discover: read-only. First the commands, then pure parsers of their output. --
 
+# What discovery reads, by name; parse_system takes the outputs under these names.
+READ_COMMANDS = (
+    ("addr", ("ip", "-j", "-d", "address", "show")),
+    ("rule4", ("ip", "-j", "-4", "rule", "show")),
+    ("rule6", ("ip", "-j", "-6", "rule", "show")),
+    ("route4", ("ip", "-j", "-4", "route", "show", "table", "all")),
+    ("route6", ("ip", "-j", "-6", "route", "show", "table", "all")),
+    ("mangle4", ("iptables-save", "-t", "mangle")),
+    ("mangle6", ("ip6tables-save", "-t", "mangle")),
+)
+
+
 def read_system(programs):
     """Read links, rules, routes and mangle tables in one parallel round."""
-    ip, save4, save6 = programs["ip"], programs["iptables-save"], programs["ip6tables-save"]
-    commands = [
-        [ip, "-j", "-d", "address", "show"],
-        [ip, "-j", "-4", "rule", "show"],
-        [ip, "-j", "-6", "rule", "show"],
-        [ip, "-j", "-4", "route", "show", "table", "all"],
-        [ip, "-j", "-6", "route", "show", "table", "all"],
-        [save4, "-t", "mangle"],
-        [save6, "-t", "mangle"],
-    ]
-    addr, rule4, rule6, route4, route6, mangle4, mangle6 = run_all(commands)
-    links = parse_links(load_json(addr, "ip address"))
-    rules = parse_rules(load_json(rule4, "ip -4 rule"), 4) + parse_rules(load_json(rule6, "ip -6 rule"), 6)
-    raw_routes = parse_routes(load_json(route4, "ip -4 route"), 4) + parse_routes(load_json(route6, "ip -6 route"), 6)
+    commands = [[programs[argv[0]]] + list(argv[1:]) for _, argv in READ_COMMANDS]
+    outputs = dict(zip((name for name, _ in READ_COMMANDS), run_all(commands)))
+    return parse_system(outputs, read_sysfs(), netns_id())
+
+
+def parse_system(outputs, sysfs, netns=None):
+    """A System from the outputs of READ_COMMANDS (pure: testable from recordings)."""
+    rules = (parse_rules(load_json(outputs["rule4"], "ip -4 rule"), 4)
+             + parse_rules(load_json(outputs["rule6"], "ip -6 rule"), 6))
+    routes = (parse_routes(load_json(outputs["route4"], "ip -4 route"), 4)
+              + parse_routes(load_json(outputs["route6"], "ip -6 route"), 6))
     return System(
-        links=links,
-        main_routes=[r for table, r in raw_routes if table == TABLE_MAIN],
+        links=parse_links(load_json(outputs["addr"], "ip address")),
+        main_routes=[route for route in routes if isinstance(route, MainRoute)],
         rules=rules,
-        routes=[r for table, r in raw_routes if isinstance(r, Route)],
-        mangle4=parse_mangle(mangle4), mangle6=parse_mangle(mangle6),
-        sysfs=read_sysfs([link.name for link in links]),
-        netns=netns_id())
+        routes=[route for route in routes if isinstance(route, Route)],
+        mangle4=parse_mangle(outputs["mangle4"]), mangle6=parse_mangle(outputs["mangle6"]),
+        sysfs=sysfs, netns=netns)
 
 
 def load_json(text, what):
@@ -281,7 +289,7 @@ def parse_rules(data, family):
 
 
 def parse_routes(data, family):
-    """(table, route) pairs: the tool's own routes, and main's unicast routes."""
+    """The tool's own routes (Route), and main's unicast routes (MainRoute)."""
     routes = []
     for entry in data:
         table = table_number(entry.get("table"))
@@ -290,9 +298,9 @@ def parse_routes(data, family):
         dst = entry["dst"] if entry["dst"] == "default" else host_cidr(*entry["dst"].split("/"))
         protocol = str(entry.get("protocol", ""))
         if table == TABLE_MAIN:
-            routes.append((table, MainRoute(family, dst, entry.get("gateway"), entry["dev"], protocol)))
+            routes.append(MainRoute(family, dst, entry.get("gateway"), entry["dev"], protocol))
         elif protocol == str(RT_PROTO) and isinstance(table, int) and TABLE_BASE <= table <= TABLE_LAST:
-            routes.append((table, Route(family, table, dst, entry.get("gateway"), entry["dev"])))
+            routes.append(Route(family, table, dst, entry.get("gateway"), entry["dev"]))
     return routes
 
 
@@ -312,11 +320,11 @@ def parse_mangle(text):
     return Mangle(tuple(sorted(jumps)), tuple(sorted((name, tuple(specs)) for name, specs in chains.items())))
 
 
-def read_sysfs(names):
+def read_sysfs(root="/sys/class/net"):
     """Per interface: (is it backed by a device, its driver). Read-only."""
     info = {}
-    for name in names:
-        device = "/sys/class/net/%s/device" % name
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        device = os.path.join(root, name, "device")
         driver = None
         if os.path.exists(device):
             try:
@@ -366,14 +374,19 @@ class ImdsClient:
     with backoff on 404 (a new ENI not propagated yet), 429 and 5xx, and one
     deadline over everything."""
 
-    def __init__(self, timeout, endpoints=IMDS_ENDPOINTS):
+    def __init__(self, timeout, endpoints=IMDS_ENDPOINTS, port=80):
         self.deadline = time.monotonic() + timeout
         self.endpoints = endpoints
+        self.port = port
         self.conn = None
         self.token = None
 
     def remaining(self):
         return self.deadline - time.monotonic()
+
+    def close(self):
+        if self.conn:
+            self.conn.close()
 
     def connect(self):
         """Find an endpoint that answers and get a token; raise ImdsError if none."""
@@ -382,7 +395,7 @@ class ImdsClient:
             if self.remaining() <= 0:
                 break
             self.conn = http.client.HTTPConnection(
-                host, 80, timeout=min(IMDS_CONNECT_TIMEOUT, self.remaining()))
+                host, self.port, timeout=min(IMDS_CONNECT_TIMEOUT, self.remaining()))
             try:
                 status, body = self.request("PUT", "/latest/api/token",
                                             {"X-aws-ec2-metadata-token-ttl-seconds": IMDS_TOKEN_TTL})
@@ -455,9 +468,8 @@ def describe_socket_error(exc):
     return str(exc) or exc.__class__.__name__
 
 
-def fetch_imds(timeout):
+def fetch_imds(client):
     """The instance's ENIs from IMDS; raises ImdsError on any doubtful answer."""
-    client = ImdsClient(timeout)
     client.connect()
     try:
         primary = parse_mac(client.get("mac", missing_ok=False))
@@ -469,7 +481,7 @@ def fetch_imds(timeout):
         for mac in macs:
             enis[mac] = fetch_imds_eni(client, mac, is_primary=(mac == primary))
     finally:
-        client.conn.close()
+        client.close()
     return Imds(primary, enis)
 
 
@@ -1150,7 +1162,7 @@ def discover_imds(args):
     if args.no_imds:
         return None
     try:
-        return fetch_imds(args.imds_timeout)
+        return fetch_imds(ImdsClient(args.imds_timeout))
     except ImdsError as exc:
         log.warning("instance metadata not usable (%s): using the interfaces found here", exc)
         return None

@@ -1,0 +1,72 @@
+"""Load the recorded instances under tests/fixtures into the tool's data model."""
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import multi_eni_routing as mer  # noqa: E402
+
+FIXTURES = os.path.join(HERE, "fixtures")
+NAMES = sorted(n for n in os.listdir(FIXTURES) if os.path.exists(os.path.join(FIXTURES, n, "addr.json")))
+FILES = {"addr": "addr.json", "rule4": "rule4.json", "rule6": "rule6.json",
+         "route4": "route4.json", "route6": "route6.json",
+         "mangle4": "mangle4.txt", "mangle6": "mangle6.txt"}
+
+
+def read(name, filename):
+    with open(os.path.join(FIXTURES, name, filename)) as handle:
+        return handle.read()
+
+
+def system(name):
+    """The System discovery would have read on this recorded instance."""
+    outputs = {key: read(name, filename) for key, filename in FILES.items()}
+    sysfs = {dev: (info["device"], info["driver"])
+             for dev, info in json.loads(read(name, "sysfs.json")).items()}
+    return mer.parse_system(outputs, sysfs)
+
+
+class RecordedImds:
+    """An IMDS client answering from the fixture's imds.json, as ImdsClient would."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+    def connect(self):
+        return "recorded"
+
+    def close(self):
+        pass
+
+    def remaining(self):
+        return 1.0
+
+    def get(self, path, missing_ok=True, retry_missing=False):
+        if path == "mac":
+            return self.tree["mac"]
+        if path == "network/interfaces/macs/":
+            return "\n".join(mac + "/" for mac in self.tree["macs"])
+        mac, field = path[len("network/interfaces/macs/"):].split("/", 1)
+        value = self.tree["macs"][mac].get(field)
+        if value is None and not missing_ok:
+            raise mer.ImdsError("%s: HTTP 404" % path)
+        return value
+
+
+def imds(name):
+    """The Imds answer of the recorded instance, or None if it has none."""
+    if not os.path.exists(os.path.join(FIXTURES, name, "imds.json")):
+        return None
+    return mer.fetch_imds(RecordedImds(json.loads(read(name, "imds.json"))))
+
+
+def plan_commands(name, use_imds=True, **options):
+    """The commands a first apply would run on the recorded instance."""
+    sys_ = system(name)
+    enis = mer.select_enis(sys_, imds(name) if use_imds else None, **options)
+    empty = mer.OwnedState(frozenset(), frozenset(), mer.NO_MANGLE, mer.NO_MANGLE, {}, frozenset())
+    sysctl_values = {"net/ipv4/conf/%s/rp_filter" % e.name: "1" for e in enis}
+    return mer.render(mer.diff(mer.plan(enis), empty, sysctl_values, {}))

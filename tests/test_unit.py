@@ -1,0 +1,270 @@
+"""Unit tests: discovery parsing, ENI selection, planning and diffing, from the
+recorded instances in tests/fixtures. No root, no network, no programs run."""
+
+import os
+
+import pytest
+
+import recorded
+from recorded import mer
+
+GOLDEN = os.path.join(recorded.HERE, "golden")
+EMPTY = mer.OwnedState(frozenset(), frozenset(), mer.NO_MANGLE, mer.NO_MANGLE, {}, frozenset())
+
+
+def enis_of(name, use_imds=True, **options):
+    return mer.select_enis(recorded.system(name), recorded.imds(name) if use_imds else None, **options)
+
+
+# -- Golden plans: the first apply on each recorded instance, command by command. --
+
+@pytest.mark.parametrize("name", recorded.NAMES)
+def test_first_apply_matches_golden_plan(name):
+    commands = "\n".join(recorded.plan_commands(name)) + "\n"
+    path = os.path.join(GOLDEN, name + ".txt")
+    if os.environ.get("UPDATE_GOLDEN"):
+        with open(path, "w") as handle:
+            handle.write(commands)
+    with open(path) as handle:
+        assert commands == handle.read(), "plan changed: review, then UPDATE_GOLDEN=1"
+
+
+# -- Discovery parsing. --------------------------------------------------------------
+
+def test_links_carry_mac_kind_and_global_addresses_only():
+    links = {link.name: link for link in recorded.system("docker-host").links}
+    assert links["eth0"].mac == "02:00:00:00:00:01" and links["eth0"].kind is None
+    assert links["docker0"].kind == "bridge"
+    assert [str(a) for a in links["eth0"].ipv4] == ["198.51.100.10/24", "198.51.100.99/24"]
+    assert not any(a.ip.is_link_local for link in links.values() for a in link.ipv6)
+    assert [link.kind for name, link in links.items() if name.startswith("veth")] == ["veth", "veth"]
+
+
+def test_only_the_tools_own_rules_routes_and_chains_are_read_as_owned():
+    foreign = recorded.system("docker-host")  # has a foreign rule, table 100, KUBE-MARK
+    assert foreign.rules == [] and foreign.routes == []
+    assert foreign.mangle4 == mer.NO_MANGLE
+    applied = recorded.system("applied-2eni")
+    assert {r.priority for r in applied.rules} >= {20000, 20001, 20100, 20101, 20200, 20300, 20301}
+    assert {r.table for r in applied.routes} == {22000, 22001}
+    assert dict(applied.mangle4.chains).keys() == {mer.CHAIN_PREROUTING, mer.CHAIN_OUTPUT}
+
+
+def test_main_table_gives_gateways_and_connected_subnets():
+    routes = recorded.system("nitro-ens5-ens6-ens7").main_routes
+    defaults = {(r.family, r.dev): r.gateway for r in routes if r.dst == "default"}
+    assert defaults[(4, "ens5")] == "198.51.100.1"
+    assert defaults[(6, "ens6")] == "fe80::1"
+
+
+def test_rule_fields_are_normalised():
+    data = [{"priority": 20101, "src": "203.0.113.48", "srclen": 28, "table": "22002", "protocol": "231"},
+            {"priority": 20000, "src": "all", "fwmark": "0x100", "fwmask": "0x3f00", "table": "22000",
+             "protocol": "231"},
+            {"priority": 20200, "src": "all", "table": "main", "suppress_prefixlen": 0, "protocol": "231"},
+            {"priority": 100, "src": "198.51.100.99", "table": "100"}]
+    assert mer.parse_rules(data, 4) == [
+        mer.Rule(4, 20101, "203.0.113.48/28", None, 22002, None),
+        mer.Rule(4, 20000, None, "0x100/0x3f00", 22000, None),
+        mer.Rule(4, 20200, None, None, mer.TABLE_MAIN, 0)]
+
+
+def test_bad_json_from_ip_is_one_clear_error():
+    with pytest.raises(mer.ToolError, match="could not parse the JSON output of ip address"):
+        mer.load_json("Error: something", "ip address")
+
+
+# -- Choosing the ENIs. --------------------------------------------------------------
+
+def test_imds_picks_enis_by_mac_with_stable_numbers():
+    enis = enis_of("nitro-ens5-ens6-ens7")
+    assert [(e.name, e.device_number, mer.table_of(e)) for e in enis] == [
+        ("ens5", 0, 22000), ("ens6", 1, 22001), ("ens7", 2, 22002)]
+
+
+def test_without_imds_only_nics_are_enis_never_bridges_or_veths():
+    enis = enis_of("docker-host", use_imds=False)
+    assert [e.name for e in enis] == ["eth0", "eth1"]
+    assert enis[0].origin == "local"
+
+
+def test_interface_option_orders_and_exclude_removes():
+    system = recorded.system("xen-eth0-eth1")
+    assert [e.name for e in mer.select_enis(system, None, include=["eth1", "eth0"])] == ["eth1", "eth0"]
+    assert [e.name for e in mer.select_enis(system, None, exclude=["eth1"])] == ["eth0"]
+
+
+def test_imds_only_secondary_address_is_added_and_routed():
+    ens6 = enis_of("nitro-ens5-ens6-ens7")[1]
+    assert ens6.added_ipv4 == ("198.51.100.141",)
+    assert "198.51.100.141" in ens6.ipv4
+    assert enis_of("nitro-ens5-ens6-ens7", add_from_imds=False)[1].added_ipv4 == ()
+
+
+def test_address_added_earlier_and_dropped_by_imds_is_neither_kept_nor_routed():
+    system = recorded.system("xen-eth0-eth1")  # 198.51.100.11 is configured on eth0
+    imds = recorded.imds("xen-eth0-eth1")
+    eth0_meta = imds.enis["02:00:00:00:00:01"]._replace(ipv4s=("198.51.100.10",))
+    imds = imds._replace(enis=dict(imds.enis, **{"02:00:00:00:00:01": eth0_meta}))
+    ours = frozenset([mer.Address("eth0", "198.51.100.11/32")])
+    eth0 = mer.select_enis(system, imds, owned_addresses=ours)[0]
+    assert "198.51.100.11" not in eth0.ipv4
+    # ... while one the admin configured stays routed whatever IMDS says.
+    eth0 = mer.select_enis(system, imds)[0]
+    assert "198.51.100.11" in eth0.ipv4
+
+
+def test_address_added_earlier_is_kept_when_imds_does_not_answer():
+    system = recorded.system("xen-eth0-eth1")
+    ours = frozenset([mer.Address("eth0", "198.51.100.11/32")])
+    eth0 = mer.select_enis(system, None, owned_addresses=ours)[0]
+    assert "198.51.100.11" in eth0.ipv4 and eth0.added_ipv4 == ("198.51.100.11",)
+
+
+def test_routed_eni_missing_from_imds_keeps_its_table():
+    system = recorded.system("applied-2eni")
+    imds = recorded.imds("applied-2eni")
+    imds = imds._replace(enis={imds.primary_mac: imds.enis[imds.primary_mac]})  # eth1 not listed
+    enis = mer.select_enis(system, imds)
+    assert [(e.name, mer.table_of(e)) for e in enis] == [("eth0", 22000), ("eth1", 22001)]
+
+
+# -- Planning. -----------------------------------------------------------------------
+
+def test_single_eni_needs_no_policy_routing():
+    desired = mer.plan(enis_of("single-eni"))
+    assert not desired.rules and not desired.routes and desired.mangle4 == mer.NO_MANGLE
+
+
+def test_each_eni_table_routes_via_its_own_gateway():
+    enis = enis_of("nitro-ens5-ens6-ens7")
+    desired = mer.plan(enis)
+    defaults = {(r.family, r.dev): r.gateway for r in desired.routes if r.dst == "default"}
+    assert defaults == {(4, "ens5"): "198.51.100.1", (4, "ens6"): "198.51.100.129",
+                        (4, "ens7"): "203.0.113.1", (6, "ens5"): "fe80::1", (6, "ens6"): "fe80::1"}
+
+
+def test_same_subnet_enis_each_route_their_subnet_through_themselves():
+    desired = mer.plan(enis_of("same-subnet"))
+    subnet_routes = {(r.table, r.dev) for r in desired.routes if r.dst == "203.0.113.0/24"}
+    assert subnet_routes == {(22000, "enX0"), (22001, "enX1")}
+    sources = {(r.src, r.table) for r in desired.rules if r.priority >= mer.PRIO_SOURCE}
+    assert sources == {("203.0.113.10/32", 22000), ("203.0.113.20/32", 22001)}
+
+
+def test_main_table_is_consulted_before_the_eni_default_routes():
+    desired = mer.plan(enis_of("xen-eth0-eth1"))
+    main = [r for r in desired.rules if r.table == mer.TABLE_MAIN]
+    assert main == [mer.Rule(4, mer.PRIO_MAIN, None, None, mer.TABLE_MAIN, 0)]
+    subnet_rules = [r for r in desired.rules if r.suppress == 0 and r.src]
+    assert all(r.priority < mer.PRIO_MAIN for r in subnet_rules)
+    assert all(r.priority > mer.PRIO_MAIN for r in desired.rules if r.src and r.suppress is None)
+
+
+def test_delegated_prefixes_get_source_rules_but_no_address():
+    desired = mer.plan(enis_of("nitro-ens5-ens6-ens7"))
+    assert {r.src for r in desired.rules if r.table == 22002} >= {"203.0.113.48/28"}
+    assert {r.src for r in desired.rules if r.table == 22001 and r.family == 6} >= {"2001:db8:b:0:1234::/80"}
+    assert not any("/28" in a.cidr or "/80" in a.cidr for a in desired.addresses)
+
+
+def test_marks_stay_inside_the_mask_and_clear_of_other_users():
+    desired = mer.plan(enis_of("nitro-ens5-ens6-ens7"))
+    for rule in desired.rules:
+        if rule.fwmark:
+            value, mask = (int(x, 16) for x in rule.fwmark.split("/"))
+            assert mask == mer.DEFAULT_MARK_MASK and value & ~mask == 0 and value
+            assert not value & (0x4000 | 0x8000 | 0x80 | 0xFFFF0000)
+
+
+def test_a_custom_mark_mask_is_used_and_one_too_small_is_refused():
+    enis = enis_of("nitro-ens5-ens6-ens7")
+    assert {r.fwmark for r in mer.plan(enis, 0xF0000).rules if r.fwmark} == {
+        "0x10000/0xf0000", "0x20000/0xf0000", "0x30000/0xf0000"}
+    with pytest.raises(mer.ToolError, match="no room"):
+        mer.plan(enis, 0x1)  # one mark value, three ENIs
+
+
+def test_mark_mask_option_wants_one_run_of_bits():
+    assert mer.parse_args(["--mark-mask", "0xf00"]).mark_mask == 0xF00
+    with pytest.raises(SystemExit):
+        mer.parse_args(["--mark-mask", "0x101"])
+
+
+def test_rp_filter_loose_on_every_routed_eni():
+    desired = mer.plan(enis_of("xen-eth0-eth1"))
+    assert desired.sysctls == {"net/ipv4/conf/eth0/rp_filter": "2", "net/ipv4/conf/eth1/rp_filter": "2"}
+
+
+# -- Diffing. ------------------------------------------------------------------------
+
+def applied():
+    system = recorded.system("applied-2eni")
+    record = {"sysctls": {"net/ipv4/conf/eth%d/rp_filter" % n: {"original": "1", "set": "2"}
+                          for n in (0, 1)}}
+    return system, record, mer.owned_state(system, record)
+
+
+def test_recorded_applied_instance_is_in_sync():
+    system, record, owned = applied()
+    desired = mer.plan(mer.select_enis(system, recorded.imds("applied-2eni")))
+    values = {key: "2" for key in desired.sysctls}
+    assert mer.render(mer.diff(desired, owned, values, mer.originals_of(record))) == []
+
+
+def test_flush_removes_exactly_what_is_owned_and_gives_sysctls_back():
+    system, record, owned = applied()
+    values = {key: "2" for key in owned.sysctls}
+    commands = mer.render(mer.diff(EMPTY, owned, values, mer.originals_of(record)))
+    assert all("protocol 231" in c for c in commands if " rule " in c)
+    assert all("proto 231" in c and "table 2200" in c for c in commands if " route " in c)
+    assert len([c for c in commands if " rule del " in c]) == len(system.rules)
+    assert len([c for c in commands if " route del " in c]) == len(system.routes)
+    assert commands[-2:] == ["sysctl -w net.ipv4.conf.eth0.rp_filter=1",
+                             "sysctl -w net.ipv4.conf.eth1.rp_filter=1"]
+    assert "iptables -t mangle -X MULTI-ENI-PREROUTING" in commands
+
+
+def test_sysctl_changed_by_someone_else_since_is_left_alone():
+    _, record, owned = applied()
+    writes = mer.sysctl_writes({}, owned.sysctls, {"net/ipv4/conf/eth0/rp_filter": "0",
+                                                   "net/ipv4/conf/eth1/rp_filter": "2"},
+                               mer.originals_of(record))
+    assert writes == [("net/ipv4/conf/eth1/rp_filter", "1", "2")]
+
+
+def test_changes_add_before_they_point_and_remove_the_other_way():
+    old = mer.Route(4, 22001, "default", "203.0.113.1", "eth1")
+    new = mer.Route(4, 22001, "default", "203.0.113.254", "eth1")
+    link = mer.Route(4, 22001, "203.0.113.0/24", None, "eth1")
+    rule = mer.Rule(4, 20301, "203.0.113.10/32", None, 22001, None)
+    gone = mer.Rule(4, 20301, "203.0.113.11/32", None, 22001, None)
+    desired = EMPTY._replace(routes=frozenset([new, link]), rules=frozenset([rule]),
+                             addresses=frozenset([mer.Address("eth1", "203.0.113.12/32")]))
+    current = EMPTY._replace(routes=frozenset([old]), rules=frozenset([gone]))
+    assert mer.diff(desired, current, {}, {}).ip4 == [
+        "address add 203.0.113.12/32 dev eth1",
+        "route replace 203.0.113.0/24 dev eth1 table 22001 proto 231",
+        "route replace default via 203.0.113.254 dev eth1 table 22001 proto 231",
+        "rule add priority 20301 from 203.0.113.10/32 table 22001 protocol 231",
+        "rule del priority 20301 from 203.0.113.11/32 table 22001 protocol 231"]
+
+
+def test_mangle_in_sync_needs_nothing_and_a_duplicate_jump_is_repaired():
+    _, _, owned = applied()
+    assert mer.mangle_commands(owned.mangle4, owned.mangle4) == []
+    doubled = owned.mangle4._replace(jumps=tuple(sorted(owned.mangle4.jumps + owned.mangle4.jumps[:1])))
+    repair = mer.mangle_commands(owned.mangle4, doubled)
+    assert [line.split(" ")[0] for line in repair if line.startswith(("-D", "-I"))] == ["-D", "-D", "-I"]
+
+
+def test_ipv6_addresses_are_added_without_dad():
+    add = mer.address_command("add", mer.Address("eth1", "2001:db8:b::11/128"))
+    assert add == "address add 2001:db8:b::11/128 dev eth1 nodad"
+
+
+def test_status_exit_codes():
+    _, _, owned = applied()
+    nothing = mer.Changes([], [], [], [], [])
+    assert mer.status_report([], owned, nothing)["applied"] is True
+    assert mer.status_report([], EMPTY, nothing)["applied"] is False
