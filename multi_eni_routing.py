@@ -67,6 +67,7 @@ JUMP_COMMENT = "multi-eni-routing"
 RP_FILTER_LOOSE = "2"
 
 IMDS_ENDPOINTS = ("169.254.169.254", "fd00:ec2::254")
+IMDS_PORT = 80
 IMDS_CONNECT_TIMEOUT = 1.0  # per endpoint: two silent endpoints stay under 3 s
 IMDS_MAX_BODY = 64 * 1024  # a meta-data answer is a few hundred bytes
 IMDS_TOKEN_TTL = "60"
@@ -374,10 +375,12 @@ class ImdsClient:
     with backoff on 404 (a new ENI not propagated yet), 429 and 5xx, and one
     deadline over everything."""
 
-    def __init__(self, timeout, endpoints=IMDS_ENDPOINTS, port=80):
+    RETRIED = (429, 500, 502, 503, 504)  # throttled or briefly unavailable
+
+    def __init__(self, timeout, endpoints=None, port=None):
         self.deadline = time.monotonic() + timeout
-        self.endpoints = endpoints
-        self.port = port
+        self.endpoints = endpoints or IMDS_ENDPOINTS
+        self.port = port or IMDS_PORT
         self.conn = None
         self.token = None
 
@@ -397,8 +400,8 @@ class ImdsClient:
             self.conn = http.client.HTTPConnection(
                 host, self.port, timeout=min(IMDS_CONNECT_TIMEOUT, self.remaining()))
             try:
-                status, body = self.request("PUT", "/latest/api/token",
-                                            {"X-aws-ec2-metadata-token-ttl-seconds": IMDS_TOKEN_TTL})
+                status, body = self.request_retried(
+                    "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": IMDS_TOKEN_TTL})
             except (OSError, http.client.HTTPException) as exc:
                 problems.append("%s: %s" % (host, describe_socket_error(exc)))
                 self.conn.close()
@@ -434,29 +437,32 @@ class ImdsClient:
         except UnicodeDecodeError:
             raise ImdsError("%s: answer is not text" % path)
 
-    def get(self, path, missing_ok=True, retry_missing=False):
-        """GET a meta-data path; None for a 404 when missing_ok and not retried."""
+    def request_retried(self, method, path, headers, retried=RETRIED):
+        """request(), again with backoff while the status is in `retried` and
+        time is left; returns the last answer."""
         delay = 0.05
         while True:
-            try:
-                status, body = self.request("GET", "/latest/meta-data/" + path, {})
-            except (OSError, http.client.HTTPException) as exc:
-                status, body = None, describe_socket_error(exc)
-            if status == 200:
-                return body
-            if status == 404 and missing_ok and not retry_missing:
-                return None
-            if status in (401, 403):
-                raise ImdsError("%s: HTTP %s (token not accepted)" % (path, status))
-            if status not in (None, 404, 429, 500, 502, 503, 504):
-                raise ImdsError("%s: unexpected HTTP %s" % (path, status))
-            if self.remaining() < delay:
-                if status == 404 and missing_ok:
-                    return None
-                raise ImdsError("%s: %s, still after retries" % (
-                    path, "HTTP %s" % status if status else body))
+            status, body = self.request(method, path, headers)
+            if status not in retried or self.remaining() < delay:
+                return status, body
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    def get(self, path, missing_ok=True, retry_missing=False):
+        """GET a meta-data path; None for a 404 when missing_ok. `retry_missing`:
+        a 404 may be an ENI not propagated yet, so ask again while time is left."""
+        retried = self.RETRIED + ((404,) if retry_missing else ())
+        try:
+            status, body = self.request_retried("GET", "/latest/meta-data/" + path, {}, retried)
+        except (OSError, http.client.HTTPException) as exc:
+            raise ImdsError("%s: %s" % (path, describe_socket_error(exc)))
+        if status == 200:
+            return body
+        if status == 404 and missing_ok:
+            return None
+        if status in (401, 403):
+            raise ImdsError("%s: HTTP %s (token not accepted)" % (path, status))
+        raise ImdsError("%s: HTTP %s%s" % (path, status, ", still after retries" if status in retried else ""))
 
 
 def describe_socket_error(exc):

@@ -1,0 +1,15 @@
+#!/bin/sh
+# Installs what the tests need on Debian or Ubuntu (run as root): the programs
+# the tool drives, those the lab and the shell checks use, and pytest.
+set -eu
+export DEBIAN_FRONTEND=noninteractive
+missing=""
+for pkg in iproute2 iptables conntrack iputils-ping shellcheck systemd udev; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+    apt-get update -qq
+    # shellcheck disable=SC2086 # word splitting of the package list is wanted
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest

@@ -1,0 +1,132 @@
+"""The IMDS client against the lab's emulator on loopback (no root needed): every
+way IMDS misbehaves gives a clear ImdsError or a correct answer, in bounded time."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+import imds_emulator
+from recorded import mer
+
+PRIMARY, SECONDARY = "02:00:00:00:00:01", "02:00:00:00:00:02"
+
+
+def tree(secondary_ipv4s="203.0.113.10\n203.0.113.11"):
+    def eni(number, ipv4s, subnet):
+        return {"device-number": str(number), "network-card": "0", "interface-id": "eni-%d" % number,
+                "local-ipv4s": ipv4s, "subnet-ipv4-cidr-block": subnet, "ipv6s": ""}
+    return {"mac": PRIMARY, "network": {"interfaces": {"macs": {
+        PRIMARY: eni(0, "198.51.100.10", "198.51.100.0/24"),
+        SECONDARY: eni(1, secondary_ipv4s, "203.0.113.0/24")}}}}
+
+
+@pytest.fixture
+def imds(tmp_path):
+    """Start an emulator on 127.0.0.1; yields configure(meta_data, behaviour) -> client factory."""
+    config, log = tmp_path / "imds.json", tmp_path / "requests.log"
+    config.write_text(json.dumps({"meta-data": tree()}))
+    server = imds_emulator.Server(("127.0.0.1", 0), imds_emulator.Handler)
+    server.emulator = imds_emulator.Emulator(str(config), str(log))
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def configure(meta_data=None, **behaviour):
+        config.write_text(json.dumps({"meta-data": meta_data or tree(), "behaviour": behaviour}))
+        return lambda timeout=3.0: mer.ImdsClient(timeout, ("127.0.0.1",), server.server_address[1])
+
+    configure.requests = lambda: [json.loads(line) for line in log.read_text().splitlines()]
+    yield configure
+    server.shutdown()
+    server.server_close()
+
+
+def fetch(client):
+    started = time.monotonic()
+    try:
+        return mer.fetch_imds(client), time.monotonic() - started
+    except mer.ImdsError as exc:
+        return exc, time.monotonic() - started
+
+
+def test_imdsv2_token_is_used_for_every_get(imds):
+    answer, _ = fetch(imds(tokens="required")())
+    assert answer.primary_mac == PRIMARY
+    assert answer.enis[SECONDARY].ipv4s == ("203.0.113.10", "203.0.113.11")
+    assert answer.enis[SECONDARY].subnets4[0].exploded == "203.0.113.0/24"
+    gets = [r for r in imds.requests() if r["method"] == "GET"]
+    assert gets and all(r["token"] and r["status"] in (200, 404) for r in gets)
+
+
+def test_imdsv1_only_works_without_a_token(imds):
+    answer, _ = fetch(imds(tokens="v1-only")())
+    assert set(answer.enis) == {PRIMARY, SECONDARY}
+
+
+def test_token_refused_is_a_clear_error(imds):
+    error, elapsed = fetch(imds(tokens="refused")())
+    assert isinstance(error, mer.ImdsError) and "token refused (HTTP 403)" in str(error)
+    assert elapsed < 1
+
+
+def test_new_eni_answering_404_twice_is_retried(imds):
+    answer, _ = fetch(imds(mac_404_first={SECONDARY: 2})())
+    assert answer.enis[SECONDARY].device_number == 1
+
+
+def test_throttling_429_is_retried_with_backoff(imds):
+    answer, _ = fetch(imds(throttle_first=3)())
+    assert answer.primary_mac == PRIMARY
+    assert [r["status"] for r in imds.requests()][:3] == [429, 429, 429]
+
+
+def test_a_slow_imds_hits_the_time_bound(imds):
+    error, elapsed = fetch(imds(delay=0.4)(timeout=1.0))
+    assert isinstance(error, mer.ImdsError)
+    assert elapsed < 2.5
+
+
+@pytest.mark.parametrize("meta_data, message", [
+    (dict(tree(), mac="not-a-mac"), "not a MAC address"),
+    (tree(secondary_ipv4s="203.0.113.10\n2001:db8::1"), "is not IPv4"),
+    (tree(secondary_ipv4s="<html>junk</html>"), "not an address"),
+    (dict(tree(), mac={"huge": 10 ** 6}), "larger than"),
+])
+def test_malformed_answers_are_refused_whole(imds, meta_data, message):
+    error, elapsed = fetch(imds(meta_data)())
+    assert isinstance(error, mer.ImdsError) and message in str(error)
+    assert elapsed < 2
+
+
+def test_secondary_stuck_at_device_number_0_is_refused(imds):
+    meta = tree()
+    meta["network"]["interfaces"]["macs"][SECONDARY]["device-number"] = "0"
+    error, elapsed = fetch(imds(meta)(timeout=1.0))
+    assert isinstance(error, mer.ImdsError) and "device-number stays 0" in str(error)
+    assert elapsed < 2
+
+
+def test_silent_endpoints_are_given_up_within_3_seconds():
+    """Packets to IMDS silently dropped: both endpoints time out, under 3 s in all."""
+    listeners = []
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind((host, listeners[0].getsockname()[1] if listeners else 0))
+        sock.listen(0)  # accepts the connection, never answers
+        listeners.append(sock)
+    try:
+        client = mer.ImdsClient(5.0, ("127.0.0.1", "::1"), listeners[0].getsockname()[1])
+        error, elapsed = fetch(client)
+    finally:
+        for sock in listeners:
+            sock.close()
+    assert isinstance(error, mer.ImdsError) and "timed out" in str(error)
+    assert elapsed < 3
+
+
+def test_unusable_imds_falls_back_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(mer, "IMDS_ENDPOINTS", ("127.0.0.1",))
+    monkeypatch.setattr(mer, "IMDS_PORT", 9)  # discard: refused at once
+    assert mer.discover_imds(mer.parse_args(["--imds-timeout", "0.5"])) is None
+    assert "instance metadata not usable" in caplog.text
