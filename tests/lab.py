@@ -1,0 +1,940 @@
+"""A simulated EC2 VPC built from Linux network namespaces.
+
+    client (internet)                      VPC peer
+    198.18.0.10/24                         203.0.113.50
+    2001:db8:ff::10/64                          |
+          |                                     |
+          +------------- router ----------------+   IMDS 169.254.169.254,
+                 (the VPC: gateways, proxy ARP,     [fd00:ec2::254] on its lo
+                  source/destination check)
+                 |            |            |
+               eth0         eth1         eth2 ...      <- instance namespace
+          198.51.100.10  203.0.113.10  198.51.100.30      (ENIs = veths)
+                            .11 (DNAT 8080 -> container 198.19.0.2:80, docker0)
+
+Each ENI is a veth pair: its instance end (eth0, eth1, ... or ens5, ens6, ...)
+and its port on the router (vpc-eth0, ...). The router, like the VPC, knows
+which ENI owns which address (host routes), answers ARP for whole subnets
+(proxy ARP) and drops a packet that arrives on an ENI's port with a source
+address that ENI does not own (chain SRC-CHECK-<eni> in its raw table).
+
+Usage:
+    with Lab(enis=2, container=True) as lab:
+        lab.tcp_ok(lab.client, "203.0.113.10", ECHO_PORT)
+        rc, out, err = lab.run_tool("--dry-run")
+
+Everything lives in namespaces named mer-<id>-<role>; nothing touches the
+root namespace. Needs root.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import difflib
+import http.client
+import ipaddress
+import itertools
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+TESTS_DIR = Path(__file__).resolve().parent
+TOOL = TESTS_DIR.parent / "multi_eni_routing.py"
+IMDS_EMULATOR = TESTS_DIR / "imds_emulator.py"
+# The tool runs under this interpreter; set MER_TOOL_PYTHON to try 3.8 etc.
+TOOL_PYTHON = os.environ.get("MER_TOOL_PYTHON", sys.executable)
+
+# --- address plan -----------------------------------------------------------
+SUBNET_A = (ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:a::/64"))
+SUBNET_B = (ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("2001:db8:b::/64"))
+VPC_CIDRS = ["198.51.100.0/24", "203.0.113.0/24"]
+CLIENT4, CLIENT_GW4 = "198.18.0.10", "198.18.0.1"  # "on the internet"
+CLIENT6, CLIENT_GW6 = "2001:db8:ff::10", "2001:db8:ff::1"
+PEER4 = "203.0.113.50"  # another host in the VPC, in subnet B
+RA_ROUTER = "fe80::1"  # default link-local address of every router port
+IMDS4, IMDS6 = "169.254.169.254", "fd00:ec2::254"
+DOCKER_GW, CONTAINER4 = "198.19.0.1", "198.19.0.2"
+VPN_LOCAL, VPN_REMOTE = "198.18.100.1", "198.18.100.2"  # an admin's extra link
+VPN_NETWORK, VPN_HOST = "198.18.200.0/24", "198.18.200.1"  # reached through it
+
+ECHO_PORT = 5000  # a LineServer listens here in instance, client, peer, vpn
+CONTAINER_PORT = 80
+DNAT_PORT = 8080  # published by "docker" on the DNAT address
+INSTANCE_ID = "i-0123456789abcdef0"
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class LabError(RuntimeError):
+    pass
+
+
+class ToolResult(NamedTuple):
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class Reach(NamedTuple):
+    icmp: bool
+    tcp: bool
+
+
+def lab_usable():
+    """(True, "") if this process can build labs, else (False, why not)."""
+    if os.geteuid() != 0:
+        return False, "needs root (network namespaces, veths, iptables)"
+    name = "mer-%s-probe" % secrets.token_hex(3)
+    try:
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        return False, "`ip netns` is unusable here: %s" % e
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return True, ""
+
+
+# --- ENIs -------------------------------------------------------------------
+
+@dataclass
+class Eni:
+    """One elastic network interface: its instance end, router port and IMDS data."""
+    device_number: int
+    name: str  # in the instance: eth1, ens6, ...
+    subnet4: ipaddress.IPv4Network
+    subnet6: ipaddress.IPv6Network | None  # None: no IPv6 on this ENI
+    addresses4: list = field(default_factory=list)  # first = primary
+    addresses6: list = field(default_factory=list)
+    prefixes4: list = field(default_factory=list)  # delegated, e.g. a /28
+    prefixes6: list = field(default_factory=list)  # delegated, e.g. a /80
+    network_card: int = 0
+
+    @property
+    def mac(self):
+        return "02:00:00:00:00:%02x" % (self.device_number + 1)
+
+    @property
+    def port(self):
+        """Its port on the VPC router."""
+        return "vpc-" + self.name
+
+    @property
+    def port_mac(self):
+        return "02:00:00:00:01:%02x" % (self.device_number + 1)
+
+    @property
+    def gateway4(self):
+        return str(self.subnet4[1])
+
+    @property
+    def interface_id(self):
+        return "eni-%017x" % (self.device_number + 1)
+
+    @property
+    def owned(self):
+        """Every source address the VPC accepts from this ENI."""
+        return [*self.addresses4, *self.prefixes4, *self.addresses6, *self.prefixes6]
+
+
+def plan_eni(index, addresses, same_subnet, ipv6, names):
+    """ENI INDEX of the address plan.
+
+    eth0 lives in 198.51.100.0/24 (.10, .11, ...), eth1 in 203.0.113.0/24
+    (.10, ...) or, with same_subnet, in 198.51.100.0/24 (.20, ...); eth2 and
+    later are in 198.51.100.0/24 (.30, .40, ...). IPv6 follows the same hosts.
+    """
+    in_b = index == 1 and not same_subnet
+    subnet4, subnet6 = SUBNET_B if in_b else SUBNET_A
+    first_host = 10 if in_b else 10 * (index + 1)
+    hosts = range(first_host, first_host + addresses)
+    name = "eth%d" % index if names == "eth" else "ens%d" % (5 + index)
+    return Eni(
+        device_number=index, name=name, subnet4=subnet4,
+        subnet6=subnet6 if ipv6 else None,
+        addresses4=[str(subnet4[h]) for h in hosts],
+        addresses6=["%s%d" % (subnet6[0], h) for h in hosts] if ipv6 else [],
+    )
+
+
+# --- running things in namespaces ---------------------------------------------
+
+def _run(argv, input=None, check=True, timeout=30, env=None):
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise LabError("%s failed (%d): %s\n%s" % (
+            " ".join(argv), proc.returncode, proc.stderr.strip(), input or ""))
+    return proc
+
+
+def _setns(fd):
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, "setns: " + os.strerror(errno))
+
+
+@contextlib.contextmanager
+def inside_netns(name):
+    """Run the block with this thread in namespace NAME.
+
+    setns() switches only the calling thread, and a socket keeps the namespace
+    it was created in, so probes and servers can run in this process.
+    """
+    with open("/proc/thread-self/ns/net") as home, open("/run/netns/" + name) as target:
+        _setns(target.fileno())
+        try:
+            yield
+        finally:
+            _setns(home.fileno())
+
+
+def netns_socket(name, family, kind, proto=0):
+    """A socket created in namespace NAME."""
+    with inside_netns(name):
+        return socket.socket(family, kind, proto)
+
+
+def family_of(address):
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def plain(address):
+    """198.51.100.10 for ::ffff:198.51.100.10 (a v4 client of a v6 socket)."""
+    return address[7:] if address.startswith("::ffff:") else address
+
+
+class LineServer:
+    """A TCP server on all addresses of a namespace. It greets each connection
+    with the local address it was reached at, then echoes every line."""
+
+    def __init__(self, ns, port):
+        self.sock = netns_socket(ns, socket.AF_INET6, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("::", port))
+        self.sock.listen(64)
+        self.connections = set()
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            self.connections.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            conn.sendall(plain(conn.getsockname()[0]).encode() + b"\n")
+            for line in conn.makefile("rb"):
+                conn.sendall(b"echo " + line)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            self.connections.discard(conn)
+
+    def close(self):
+        # shutdown() wakes the accept()/recv() of the serving threads
+        for s in [self.sock, *list(self.connections)]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+class Session:
+    """A long-lived TCP connection to a LineServer, to check it survives."""
+
+    def __init__(self, ns, address, port, timeout=2):
+        self.sock = netns_socket(ns, family_of(address), socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect((address, port))
+        self.reader = self.sock.makefile("rb")
+        self.greeting = self.reader.readline().decode().strip()
+
+    def exchange(self, text):
+        """True if the server echoed TEXT."""
+        try:
+            self.sock.sendall(text.encode() + b"\n")
+            return self.reader.readline().decode().strip() == "echo " + text
+        except OSError:
+            return False
+
+    def close(self):
+        self.reader.close()
+        self.sock.close()
+
+
+_icmp_ids = itertools.count(secrets.randbelow(30000) + 1)
+
+
+def _checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(ns, address, bind=None, timeout=2.0):
+    """True if ADDRESS answers an ICMP(v6) echo sent from namespace NS."""
+    v6 = ":" in address
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    request_type, reply_type = (128, 129) if v6 else (8, 0)
+    ident = next(_icmp_ids) & 0xFFFF
+    payload = b"mer-lab-probe"
+    header = struct.pack("!BBHHH", request_type, 0, 0, ident, 1)
+    if not v6:  # the kernel fills in the ICMPv6 checksum, not the ICMP one
+        header = struct.pack("!BBHHH", request_type, 0, _checksum(header + payload), ident, 1)
+    deadline = time.monotonic() + timeout
+    with netns_socket(ns, family_of(address), socket.SOCK_RAW, proto) as sock:
+        if bind:
+            sock.bind((bind, 0))
+        try:
+            sock.sendto(header + payload, (address, 0))
+        except OSError:
+            return False
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0]:
+                break
+            data, sender = sock.recvfrom(65535)
+            if not v6:
+                data = data[(data[0] & 0x0F) * 4:]  # skip the IPv4 header
+            kind, _, _, got_id, _ = struct.unpack("!BBHHH", data[:8])
+            same_sender = ipaddress.ip_address(sender[0].split("%")[0]) == ipaddress.ip_address(address)
+            if kind == reply_type and got_id == ident and same_sender:
+                return True
+    return False
+
+
+def tcp_answer(ns, address, port, bind=None, timeout=2.0):
+    """The greeting line of the LineServer at ADDRESS:PORT, or None."""
+    with netns_socket(ns, family_of(address), socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            if bind:
+                sock.bind((bind, 0))
+            sock.connect((address, port))
+            with sock.makefile("rb") as reader:
+                return reader.readline().decode().strip() or None
+        except OSError:
+            return None
+
+
+def in_parallel(calls):
+    """Run zero-argument CALLS concurrently; their results in order."""
+    if not calls:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(calls))) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+# --- the IMDS emulator ----------------------------------------------------------
+
+class Imds:
+    """Controls the metadata the emulator serves and how it misbehaves."""
+
+    def __init__(self, lab, mode):
+        self.lab = lab
+        self.mode = mode  # "v2" | "optional" | "v1" | "refused" | "absent"
+        self.config_path = Path(lab.tmpdir, "imds.json")
+        self.log_path = Path(lab.tmpdir, "imds.log")
+        self.behaviour = {"tokens": {"v2": "required", "optional": "optional",
+                                     "v1": "v1-only", "refused": "refused"}.get(mode, "required")}
+        self.overrides = {}  # path below meta-data -> body
+        self.process = None
+
+    def tree(self):
+        enis = self.lab.enis
+        tree = {
+            "instance-id": INSTANCE_ID,
+            "local-ipv4": enis[0].addresses4[0] if enis else "",
+            "mac": enis[0].mac if enis else "",
+            "network": {"interfaces": {"macs": {eni.mac: eni_metadata(eni) for eni in enis}}},
+        }
+        for path, body in self.overrides.items():
+            *parents, leaf = path.strip("/").split("/")
+            node = tree
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = body
+        return tree
+
+    def write(self):
+        """Publish the current tree and behaviour (atomically: the server
+        re-reads the file on every request)."""
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta-data": self.tree(), "behaviour": self.behaviour}))
+        tmp.replace(self.config_path)
+
+    def misbehave(self, **behaviour):
+        """E.g. delay=0.5, throttle_first=3, mac_404_first={mac: 2}, tokens="refused"."""
+        self.behaviour.update(behaviour)
+        self.write()
+
+    def override(self, path, body):
+        """Serve BODY at PATH (below /latest/meta-data/): junk, a wrong-family
+        address, {"huge": 10_000_000}, or "" for a 404."""
+        self.overrides[path] = body
+        self.write()
+
+    def start(self):
+        self.write()
+        self.log_path.write_text("")
+        argv = ["ip", "netns", "exec", self.lab.router, sys.executable, str(IMDS_EMULATOR),
+                "--config", str(self.config_path), "--log", str(self.log_path)]
+        if self.lab.ipv6:
+            argv += ["--ipv6", IMDS6]
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if not select.select([self.process.stdout], [], [], 10)[0] \
+                or self.process.stdout.readline().strip() != b"ready":
+            self.stop()
+            raise LabError("the IMDS emulator did not start: %s" % self.process.stderr.read().decode())
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process:
+            self.process.stdout.close()
+            self.process.stderr.close()
+
+    def requests(self):
+        """Every request served so far, as dicts (method, path, status, ...)."""
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+
+def eni_metadata(eni):
+    """The IMDS directory network/interfaces/macs/<mac>/ of ENI."""
+    lines = "\n".join
+    return {
+        "device-number": str(eni.device_number),
+        "network-card": str(eni.network_card),
+        "interface-id": eni.interface_id,
+        "mac": eni.mac,
+        "local-ipv4s": lines(eni.addresses4),
+        "subnet-ipv4-cidr-block": str(eni.subnet4),
+        "vpc-ipv4-cidr-block": VPC_CIDRS[0],
+        "vpc-ipv4-cidr-blocks": lines(VPC_CIDRS),
+        "ipv6s": lines(eni.addresses6),
+        "subnet-ipv6-cidr-blocks": str(eni.subnet6) if eni.subnet6 else "",
+        "ipv4-prefix": lines(eni.prefixes4),
+        "ipv6-prefix": lines(eni.prefixes6),
+        "subnet-id": "subnet-%017x" % (int(eni.subnet4.network_address) & 0xFFFF),
+        "vpc-id": "vpc-0000000000000000a",
+    }
+
+
+# --- the lab -----------------------------------------------------------------
+
+class Lab:
+    """A VPC with one instance. Build it with `with Lab(...) as lab:`.
+
+    enis:            number of ENIs (1..n)
+    addresses:       addresses per ENI, an int or one int per ENI
+    same_subnet:     eth1 in eth0's subnet (198.51.100.20) instead of 203.0.113.0/24
+    ipv6:            IPv6 addresses and RA default routes on every ENI
+    imds:            "v2" (tokens enforced), "optional", "v1", "refused", "absent"
+    container:       a Docker-like bridge, container and DNAT of DNAT_PORT on
+                     dnat_address (default: eth1's second address)
+    admin_link:      an extra non-ENI link with an admin route in main
+    rp_filter:       value for net.ipv4.conf.{all,default}.rp_filter (1 = strict)
+    ra_router:       the routers' link-local address, announced as IPv6 default
+    names:           "eth" (eth0, eth1) or "ens" (ens5, ens6)
+    configure_secondaries: put secondary addresses on the interfaces (else only
+                     IMDS knows them, as on a fresh Ubuntu instance)
+    """
+
+    def __init__(self, enis=2, addresses=2, same_subnet=False, ipv6=True, imds="v2",
+                 container=False, dnat_address=None, admin_link=False, rp_filter=0,
+                 ra_router=RA_ROUTER, names="eth", configure_secondaries=True):
+        counts = [addresses] * enis if isinstance(addresses, int) else list(addresses)
+        self.same_subnet, self.ipv6, self.names = same_subnet, ipv6, names
+        self.enis = [plan_eni(i, n, same_subnet, ipv6, names) for i, n in enumerate(counts)]
+        self.container_on, self.admin_link, self.rp_filter = container, admin_link, rp_filter
+        self.configure_secondaries = configure_secondaries
+        self.ra_router = ra_router
+        if container and not dnat_address:
+            dnat_address = self.enis[1].addresses4[1]
+        self.dnat_address = dnat_address
+
+        self.id = secrets.token_hex(3)
+        self.instance, self.router = self._ns("instance"), self._ns("router")
+        self.client, self.peer = self._ns("client"), self._ns("peer")
+        self.container = self._ns("container") if container else None
+        self.vpn = self._ns("vpn") if admin_link else None
+        self.namespaces = []  # the ones created so far, for teardown
+        self.tmpdir = tempfile.mkdtemp(prefix="mer-%s-" % self.id)
+        self.state_dir = os.path.join(self.tmpdir, "state")
+        self.imds = Imds(self, imds)
+        self.servers = []
+        self.sessions = []
+
+    def _ns(self, role):
+        return "mer-%s-%s" % (self.id, role)
+
+    # -- lifecycle --
+
+    def __enter__(self):
+        try:
+            self.build()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.teardown()
+
+    def build(self):
+        for ns in [self.instance, self.router, self.client, self.peer, self.container, self.vpn]:
+            if ns:
+                self._add_namespace(ns)
+        self._build_router()
+        self._build_instance()
+        self._build_client_and_peer()
+        if self.container:
+            self._build_container()
+        if self.vpn:
+            self._build_admin_link()
+        self._apply_source_checks()
+        if self.imds.mode != "absent":
+            self.imds.start()
+        for ns in [self.instance, self.client, self.peer, self.vpn]:
+            if ns:
+                self.serve(ns, ECHO_PORT)
+        if self.container:
+            self.serve(self.container, CONTAINER_PORT)
+
+    def teardown(self):
+        """Remove everything, also after a failed build; never raises."""
+        for thing in [*self.sessions, *self.servers]:
+            with contextlib.suppress(Exception):
+                thing.close()
+        with contextlib.suppress(Exception):
+            self.imds.stop()
+        for ns in reversed(self.namespaces):
+            self._kill_processes_in(ns)
+            _run(["ip", "netns", "del", ns], check=False)
+        self.namespaces = []
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def _kill_processes_in(self, ns):
+        """Processes still running in one of our namespaces (a hung tool run)."""
+        pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), 9)
+
+    # -- primitives --
+
+    def run(self, ns, *argv, input=None, check=True, timeout=30, env=None):
+        """Run ARGV (no shell) inside namespace NS."""
+        return _run(["ip", "netns", "exec", ns, *argv], input=input, check=check,
+                    timeout=timeout, env=env)
+
+    def ip(self, ns, *commands):
+        """Run `ip` COMMANDS (one per string, e.g. "route add ...") in batches:
+        first those without a family, then those starting with "-6 "."""
+        plain = [c for c in commands if not c.startswith("-6 ")]
+        v6 = [c[3:] for c in commands if c.startswith("-6 ")]
+        for options, batch in [([], plain), (["-6"], v6)]:
+            if batch:
+                _run(["ip", "-n", ns, *options, "-batch", "-"], input="\n".join(batch) + "\n")
+
+    def sysctl(self, ns, **settings):
+        """sysctl(ns, **{"net.ipv4.ip_forward": 1})"""
+        self.run(ns, "sysctl", "-q", "-w", *["%s=%s" % kv for kv in settings.items()])
+
+    def iptables_restore(self, ns, rules, v6=False, flush=True):
+        argv = ["ip6tables-restore" if v6 else "iptables-restore"]
+        self.run(ns, *argv, *([] if flush else ["--noflush"]), input=rules)
+
+    def _add_namespace(self, ns):
+        _run(["ip", "netns", "add", ns])
+        self.namespaces.append(ns)
+        # no DAD, so IPv6 addresses are usable at once
+        self.sysctl(ns, **{"net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad": 0})
+        self.ip(ns, "link set lo up")
+
+    # -- the VPC router --
+
+    def _build_router(self):
+        self.sysctl(self.router, **{
+            "net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1,
+            "net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0,
+            "net.ipv4.conf.all.proxy_arp": 1,
+        })
+        commands = [
+            # the internet: a routed link to the client
+            "link add name vpc-inet type veth peer name inet0 netns " + self.client,
+            "link set vpc-inet up",
+            "addr add %s/24 dev vpc-inet" % CLIENT_GW4,
+            "addr add %s/64 dev vpc-inet nodad" % CLIENT_GW6,
+            # a VPC peer in subnet B, behind its own port
+            "link add name vpc-peer type veth peer name peer0 netns " + self.peer,
+            "link set vpc-peer up",
+            "addr add %s/32 dev vpc-peer" % SUBNET_B[0][1],
+            "route add %s/32 dev vpc-peer" % PEER4,
+        ]
+        if self.imds.mode != "absent":
+            commands += ["addr add %s/32 dev lo" % IMDS4]
+            if self.ipv6:
+                commands += ["addr add %s/128 dev lo" % IMDS6]
+        for eni in self.enis:
+            commands += self._router_port_commands(eni)
+        self.ip(self.router, *commands)
+        self._answer_arp_at_once(["vpc-inet", "vpc-peer", *[e.port for e in self.enis]])
+
+    def _answer_arp_at_once(self, ports):
+        """Proxy ARP answers broadcasts after a random delay unless told not to."""
+        self.sysctl(self.router, **{"net.ipv4.neigh.%s.proxy_delay" % p: 0 for p in ports})
+
+    def _router_port_commands(self, eni):
+        """Create ENI's veth pair (instance end in the instance namespace),
+        and make the router its gateway that knows its addresses."""
+        commands = [
+            "link add name %s address %s type veth peer name %s address %s netns %s"
+            % (eni.port, eni.port_mac, eni.name, eni.mac, self.instance),
+            "link set %s up" % eni.port,
+            "addr add %s/32 dev %s" % (eni.gateway4, eni.port),
+        ]
+        if eni.subnet6:
+            commands += ["addr add %s/64 dev %s nodad" % (self.ra_router, eni.port)]
+        commands += ["route replace %s dev %s" % (owned, eni.port) for owned in eni.owned]
+        return commands
+
+    def _apply_source_checks(self):
+        """The VPC's source/destination check: rebuilt from the ENI list."""
+        self.iptables_restore(self.router, self._source_check_rules(v6=False))
+        if self.ipv6:
+            self.iptables_restore(self.router, self._source_check_rules(v6=True), v6=True)
+
+    def _source_check_rules(self, v6):
+        lines = ["*raw", ":PREROUTING ACCEPT", ":OUTPUT ACCEPT"]
+        rules = []
+        for eni in self.enis:
+            chain = "SRC-CHECK-" + eni.name
+            lines.append(":%s -" % chain)
+            rules.append("-A PREROUTING -i %s -j %s" % (eni.port, chain))
+            owned = [a for a in eni.owned if (":" in a) == v6]
+            if v6:  # neighbour discovery and DAD use these
+                owned += ["fe80::/10", "::/128"]
+            rules += ["-A %s -s %s -j RETURN" % (chain, a) for a in owned]
+            rules.append("-A %s -j DROP" % chain)
+        if self.imds.mode == "absent":  # clients must time out, not be refused
+            rules.append("-A PREROUTING -d %s -j DROP" % (IMDS6 if v6 else IMDS4))
+        return "\n".join(lines + rules + ["COMMIT", ""])
+
+    def dropped(self, eni):
+        """Packets the source/destination check dropped on ENI's port (v4 + v6)."""
+        total = 0
+        for save in ["iptables-save", "ip6tables-save"] if self.ipv6 else ["iptables-save"]:
+            text = self.run(self.router, save, "-c", "-t", "raw").stdout
+            match = re.search(r"^\[(\d+):\d+\] -A SRC-CHECK-%s -j DROP$" % eni.name, text, re.M)
+            total += int(match.group(1)) if match else 0
+        return total
+
+    # -- the instance --
+
+    def _build_instance(self):
+        self.sysctl(self.instance, **{
+            "net.ipv4.conf.all.rp_filter": self.rp_filter,
+            "net.ipv4.conf.default.rp_filter": self.rp_filter,
+        })
+        commands = []
+        for eni in self.enis:
+            commands += self._instance_eni_commands(eni)
+        # what DHCP leaves: one default route, via the primary ENI
+        commands.append("route add default via %s dev %s" % (self.enis[0].gateway4, self.enis[0].name))
+        self.ip(self.instance, *commands)
+        if self.rp_filter:  # ENIs were created before "default" was set above
+            self.sysctl(self.instance, **{"net.ipv4.conf.%s.rp_filter" % e.name: self.rp_filter
+                                          for e in self.enis})
+
+    def _instance_eni_commands(self, eni):
+        configured = slice(None) if self.configure_secondaries else slice(1)
+        commands = ["link set %s up" % eni.name]
+        commands += ["addr add %s/%d dev %s" % (a, eni.subnet4.prefixlen, eni.name)
+                     for a in eni.addresses4[configured]]
+        commands += ["addr add %s/%d dev %s nodad" % (a, eni.subnet6.prefixlen, eni.name)
+                     for a in eni.addresses6[configured]]
+        if eni.subnet6:
+            # what a router advertisement installs; the kernel refuses two
+            # userspace defaults with one metric, so each ENI gets its own
+            commands.append("-6 route add default via %s dev %s proto ra metric %d"
+                            % (self.ra_router, eni.name, 1024 + eni.device_number))
+        return commands
+
+    # -- client, peer, container, admin link --
+
+    def _build_client_and_peer(self):
+        self.ip(self.client, "link set inet0 up", "addr add %s/24 dev inet0" % CLIENT4,
+                "addr add %s/64 dev inet0 nodad" % CLIENT6,
+                "route add default via " + CLIENT_GW4, "-6 route add default via " + CLIENT_GW6)
+        self.ip(self.peer, "link set peer0 up", "addr add %s/24 dev peer0" % PEER4,
+                "route add default via %s" % SUBNET_B[0][1])
+
+    def _build_container(self):
+        """A container publishing CONTAINER_PORT as DNAT_PORT, the way Docker does."""
+        self.sysctl(self.instance, **{"net.ipv4.ip_forward": 1})
+        self.ip(self.instance,
+                "link add name docker0 address 02:42:c6:13:00:01 type bridge",
+                "link set docker0 up",
+                "addr add %s/24 dev docker0" % DOCKER_GW,
+                "link add name veth0c address 02:42:c6:13:00:fe type veth peer name eth0"
+                " address 02:42:c6:13:00:02 netns " + self.container,
+                "link set veth0c master docker0 up")
+        self.ip(self.container, "link set eth0 up", "addr add %s/24 dev eth0" % CONTAINER4,
+                "route add default via " + DOCKER_GW)
+        self.iptables_restore(self.instance, docker_rules(self.dnat_address))
+
+    def _build_admin_link(self):
+        """A link that is not an ENI (a VPN, say) and an admin's route over it."""
+        self.ip(self.instance,
+                "link add name vpn0 address 02:00:00:00:02:01 type veth peer name vpn0 netns " + self.vpn,
+                "link set vpn0 up", "addr add %s/24 dev vpn0" % VPN_LOCAL,
+                "route add %s via %s dev vpn0 proto static" % (VPN_NETWORK, VPN_REMOTE))
+        self.ip(self.vpn, "link set vpn0 up", "addr add %s/24 dev vpn0" % VPN_REMOTE,
+                "addr add %s/32 dev lo" % VPN_HOST, "route add default via " + VPN_LOCAL)
+
+    # -- changing the VPC while it runs --
+
+    def eni(self, name):
+        return next(e for e in self.enis if e.name == name)
+
+    def add_address(self, eni, address, on_instance=True):
+        """Assign ADDRESS to ENI in the VPC (router, IMDS) and, if asked, on
+        the instance's interface."""
+        v6 = ":" in address
+        (eni.addresses6 if v6 else eni.addresses4).append(address)
+        self.ip(self.router, "route replace %s dev %s" % (address, eni.port))
+        self._apply_source_checks()
+        self.imds.write()
+        if on_instance:
+            prefix = eni.subnet6.prefixlen if v6 else eni.subnet4.prefixlen
+            self.ip(self.instance, "addr add %s/%d dev %s%s" % (address, prefix, eni.name, " nodad" if v6 else ""))
+
+    def remove_address(self, eni, address, on_instance=True):
+        v6 = ":" in address
+        (eni.addresses6 if v6 else eni.addresses4).remove(address)
+        self.ip(self.router, "route del %s dev %s" % (address, eni.port))
+        self._apply_source_checks()
+        self.imds.write()
+        if on_instance:
+            prefix = eni.subnet6.prefixlen if v6 else eni.subnet4.prefixlen
+            self.ip(self.instance, "addr del %s/%d dev %s" % (address, prefix, eni.name))
+
+    def attach_eni(self, addresses=1):
+        """Hot-plug one more ENI (next device number, in subnet A)."""
+        index = max(e.device_number for e in self.enis) + 1
+        eni = plan_eni(index, addresses, True, self.ipv6, self.names)
+        self.enis.append(eni)
+        self.ip(self.router, *self._router_port_commands(eni))
+        self._answer_arp_at_once([eni.port])
+        self.ip(self.instance, *self._instance_eni_commands(eni))
+        if self.rp_filter:
+            self.sysctl(self.instance, **{"net.ipv4.conf.%s.rp_filter" % eni.name: self.rp_filter})
+        self._apply_source_checks()
+        self.imds.write()
+        return eni
+
+    def detach_eni(self, eni):
+        """Hot-unplug ENI: its veth pair disappears, so does its IMDS entry."""
+        self.enis.remove(eni)
+        self.ip(self.instance, "link del " + eni.name)  # takes the router port along
+        self._apply_source_checks()
+        self.imds.write()
+
+    # -- services and probes --
+
+    def serve(self, ns, port):
+        server = LineServer(ns, port)
+        self.servers.append(server)
+        return server
+
+    def session(self, ns, address, port=ECHO_PORT):
+        session = Session(ns, address, port)
+        self.sessions.append(session)
+        return session
+
+    def tcp_ok(self, src_ns, dst_addr, port=ECHO_PORT, bind=None, timeout=2):
+        """True only if the LineServer at DST_ADDR:PORT answered."""
+        return tcp_answer(src_ns, dst_addr, port, bind, timeout) is not None
+
+    def ping_ok(self, src_ns, dst_addr, bind=None, timeout=2):
+        return ping(src_ns, dst_addr, bind, timeout)
+
+    def reachability(self, addresses, src_ns=None, port=ECHO_PORT, timeout=1.0):
+        """{address: Reach(icmp, tcp)} from SRC_NS (default: the client), all
+        probes at once."""
+        src_ns = src_ns or self.client
+        calls = []
+        for a in addresses:
+            calls += [lambda a=a: ping(src_ns, a, timeout=timeout),
+                      lambda a=a: tcp_answer(src_ns, a, port, timeout=timeout) is not None]
+        results = in_parallel(calls)
+        return {a: Reach(*results[2 * i:2 * i + 2]) for i, a in enumerate(addresses)}
+
+    def addresses(self, *enis, v4=True, v6=True):
+        """The addresses of ENIS (default all), IPv4 then IPv6 per ENI."""
+        found = []
+        for eni in enis or self.enis:
+            found += (eni.addresses4 if v4 else []) + (eni.addresses6 if v6 else [])
+        return found
+
+    def imds_request(self, method, path, headers=None, v6=False, timeout=2):
+        """(status, body) of one HTTP request from the instance to IMDS;
+        (None, error) if no answer came."""
+        address = IMDS6 if v6 else IMDS4
+        connection = http.client.HTTPConnection(address, 80, timeout=timeout)
+        connection.sock = netns_socket(self.instance, family_of(address), socket.SOCK_STREAM)
+        connection.sock.settimeout(timeout)
+        try:
+            connection.sock.connect((address, 80))
+            connection.request(method, path, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read()
+        except OSError as e:
+            return None, str(e)
+        finally:
+            connection.close()
+
+    def imds_reachable(self, timeout=2):
+        """True if the instance gets an IMDSv2 token."""
+        status, _ = self.imds_request("PUT", "/latest/api/token", timeout=timeout,
+                                      headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        return status == 200
+
+    # -- the tool --
+
+    def run_tool(self, *args, env=None, timeout=60):
+        """Run the tool in the instance namespace with this lab's state dir."""
+        return self.popen_tool(*args, env=env).communicate_result(timeout)
+
+    def popen_tool(self, *args, env=None):
+        """Start the tool without waiting (for concurrent runs)."""
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MULTI_ENI_ROUTING")}
+        full_env.update(env or {})
+        argv = ["ip", "netns", "exec", self.instance, TOOL_PYTHON, str(TOOL),
+                *args, "--state-dir", self.state_dir]
+        return ToolRun(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=full_env))
+
+    # -- observing the instance --
+
+    def snapshot(self):
+        """The instance's routing state, as texts to compare byte for byte:
+        rules, routes of all tables, iptables (no counters), addresses, sysctls."""
+        ns = self.instance
+        iptables = lambda save: normalized_iptables(self.run(ns, save).stdout)
+        return {
+            "ip rule": _run(["ip", "-n", ns, "rule", "show"]).stdout,
+            "ip -6 rule": _run(["ip", "-n", ns, "-6", "rule", "show"]).stdout,
+            "ip route": _run(["ip", "-n", ns, "route", "show", "table", "all"]).stdout,
+            "ip -6 route": _run(["ip", "-n", ns, "-6", "route", "show", "table", "all"]).stdout,
+            "iptables": iptables("iptables-save"),
+            "ip6tables": iptables("ip6tables-save"),
+            "addresses": _run(["ip", "-n", ns, "-o", "addr", "show"]).stdout,
+            "sysctls": self.run(ns, "sysctl", "net.ipv4.conf", "net.ipv6.conf",
+                                "net.ipv4.ip_forward", check=False).stdout,
+        }
+
+    def main_tables(self):
+        return {family: _run(["ip", "-n", self.instance, *family.split(), "show", "table", "main"]).stdout
+                for family in ["route", "-6 route"]}
+
+
+class ToolRun:
+    def __init__(self, process):
+        self.process = process
+
+    def communicate_result(self, timeout=60):
+        try:
+            out, err = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, err = self.process.communicate()
+            err += "\n[lab: killed after %ss]" % timeout
+        return ToolResult(self.process.returncode, out, err)
+
+
+def normalized_iptables(save_output):
+    """iptables-save output without comments, packet counters and empty tables.
+
+    With the nft backend a table exists once anything touched it, so a table
+    with nothing but ACCEPT policies is the same as no table at all.
+    """
+    lines = [re.sub(r" \[\d+:\d+\]$", "", line)
+             for line in save_output.splitlines() if not line.startswith("#")]
+    tables, current = [], []
+    for line in lines:
+        current.append(line)
+        if line == "COMMIT":
+            tables.append(current)
+            current = []
+    def empty(table):
+        return all(line.startswith("*") or line == "COMMIT" or re.fullmatch(r":\S+ ACCEPT", line)
+                   for line in table)
+    return "".join("\n".join(t) + "\n" for t in tables if not empty(t))
+
+
+def snapshot_diff(before, after):
+    """A unified diff of two snapshots, "" when they are identical."""
+    out = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key, ""), after.get(key, "")
+        if a.splitlines() != b.splitlines():
+            out += ["== " + key] + list(difflib.unified_diff(
+                a.splitlines(), b.splitlines(), "before", "after", lineterm="", n=1))
+    return "\n".join(out)
+
+
+def docker_rules(published_on):
+    """The nat and filter rules Docker writes for `-p PUBLISHED_ON:8080:80`."""
+    return "\n".join([
+        "*nat",
+        ":PREROUTING ACCEPT", ":INPUT ACCEPT", ":OUTPUT ACCEPT", ":POSTROUTING ACCEPT",
+        ":DOCKER -",
+        "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER",
+        "-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER",
+        "-A POSTROUTING -s 198.19.0.0/24 ! -o docker0 -j MASQUERADE",
+        "-A DOCKER -i docker0 -j RETURN",
+        "-A DOCKER -d %s/32 ! -i docker0 -p tcp -m tcp --dport %d -j DNAT --to-destination %s:%d"
+        % (published_on, DNAT_PORT, CONTAINER4, CONTAINER_PORT),
+        "COMMIT",
+        "*filter",
+        ":INPUT ACCEPT", ":FORWARD DROP", ":OUTPUT ACCEPT",
+        ":DOCKER -",
+        "-A FORWARD -o docker0 -j DOCKER",
+        "-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A FORWARD -i docker0 ! -o docker0 -j ACCEPT",
+        "-A FORWARD -i docker0 -o docker0 -j ACCEPT",
+        "-A DOCKER -d %s/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport %d -j ACCEPT"
+        % (CONTAINER4, CONTAINER_PORT),
+        "COMMIT", "",
+    ])

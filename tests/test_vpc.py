@@ -1,0 +1,366 @@
+"""Integration tests: the tool against a simulated VPC (tests/lab.py).
+
+Each test first shows the failure without the tool where there is one, then
+runs the tool (no arguments = apply) and checks what a user would see: which
+addresses answer, which path packets take, what state is left behind.
+Needs root; builds namespaces named mer-<id>-*.
+"""
+
+import itertools
+import json
+import os
+import time
+
+import pytest
+
+from lab import (CLIENT4, CLIENT6, CONTAINER4, DNAT_PORT, ECHO_PORT, PEER4, VPN_HOST,
+                 Reach, snapshot_diff, tcp_answer)
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="builds network namespaces, veths and iptables rules: run as root")
+
+BOTH = Reach(icmp=True, tcp=True)
+NEITHER = Reach(icmp=False, tcp=False)
+# What the tool owns (docs/DESIGN.md): rules and routes of protocol 231, its
+# mangle chains and the jumps to them that carry its comment.
+TOOL_MARKERS = ("proto 231", "MULTI-ENI-", "multi-eni-routing")
+
+
+def applied(lab, *args):
+    """Run the tool, insist it succeeded, return its result."""
+    result = lab.run_tool(*args)
+    assert result.rc == 0, "tool %s failed: %r" % (" ".join(args) or "(apply)", result)
+    return result
+
+
+def tool_lines(snapshot):
+    """The snapshot lines that carry one of the tool's markers."""
+    return [line for text in snapshot.values() for line in text.splitlines()
+            if any(marker in line for marker in TOOL_MARKERS)]
+
+
+def foreign_only(snapshot, enis):
+    """The snapshot without what the tool owns: its marked lines and the
+    rp_filter of the ENIs."""
+    own_sysctls = tuple("net.ipv4.conf.%s.rp_filter" % eni.name for eni in enis)
+    return {key: "\n".join(line for line in text.splitlines()
+                           if not any(m in line for m in TOOL_MARKERS)
+                           and not line.startswith(own_sysctls))
+            for key, text in snapshot.items()}
+
+
+def without(snapshot, word):
+    """The snapshot without the lines that mention WORD (e.g. a detached ENI)."""
+    return {key: "\n".join(line for line in text.splitlines() if word not in line)
+            for key, text in snapshot.items()}
+
+
+def assert_same(before, after, what):
+    diff = snapshot_diff(before, after)
+    assert not diff, "%s changed:\n%s" % (what, diff)
+
+
+# -- 1. every address answers from outside the VPC ---------------------------------
+
+@pytest.mark.parametrize("rp_filter", [0, 1], ids=["rp_filter=0", "rp_filter=1"])
+def test_every_address_answers_icmp_and_tcp_from_the_internet(make_lab, rp_filter):
+    lab = make_lab(enis=2, addresses=2, rp_filter=rp_filter)
+    eth0, eth1 = lab.enis
+
+    before = lab.reachability(lab.addresses())
+    assert {a: before[a] for a in lab.addresses(eth0)} == {a: BOTH for a in lab.addresses(eth0)}
+    # replies from eth1's addresses leave via eth0 (main's default) and the VPC drops them
+    assert {a: before[a] for a in lab.addresses(eth1)} == {a: NEITHER for a in lab.addresses(eth1)}
+    if not rp_filter:  # (strict rp_filter drops the requests already, in the instance)
+        assert lab.dropped(eth0) > 0
+
+    applied(lab)
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+
+
+# -- 2. a bound socket leaves through its own ENI -----------------------------------
+
+def test_socket_bound_to_an_eni_address_leaves_through_that_eni(make_lab):
+    lab = make_lab(enis=2)
+    eth0, eth1 = lab.enis
+    routes = {  # (source, destination): why it goes wrong without the tool
+        (eth0.addresses4[0], PEER4): "main's connected route sends it out eth1",
+        (eth1.addresses4[0], CLIENT4): "main's default sends it out eth0",
+        (eth1.addresses6[0], CLIENT6): "main's IPv6 default (lowest metric) is eth0's",
+    }
+
+    def probe():
+        return {route: (lab.ping_ok(lab.instance, route[1], bind=route[0], timeout=1),
+                        lab.tcp_ok(lab.instance, route[1], ECHO_PORT, bind=route[0], timeout=1))
+                for route in routes}
+
+    assert probe() == {route: (False, False) for route in routes}, routes
+    applied(lab)
+    drops = [lab.dropped(eni) for eni in lab.enis]
+    assert probe() == {route: (True, True) for route in routes}
+    assert [lab.dropped(eni) for eni in lab.enis] == drops, "a packet left through the wrong ENI"
+
+
+# -- 3. a DNAT-published service on a secondary address ----------------------------
+
+def test_dnat_service_on_a_secondary_address_answers(make_lab):
+    lab = make_lab(enis=2, addresses=2, container=True)
+    assert lab.dnat_address == "203.0.113.11"  # eth1's secondary
+
+    assert tcp_answer(lab.client, lab.dnat_address, DNAT_PORT, timeout=1) is None
+    applied(lab)
+    # the container greets with its own address: the connection went all the way
+    assert tcp_answer(lab.client, lab.dnat_address, DNAT_PORT) == CONTAINER4
+
+
+# -- 4. local networks that are not ENIs keep working -----------------------------
+
+def test_container_and_admin_routes_keep_working(make_lab):
+    lab = make_lab(enis=2, container=True, admin_link=True)
+    secondary = lab.enis[1].addresses4[1]
+    eth1_primary = lab.enis[1].addresses4[0]
+
+    def local_paths():
+        return {
+            "container -> host's secondary address": lab.tcp_ok(lab.container, secondary),
+            "container -> internet (masqueraded)": lab.tcp_ok(lab.container, CLIENT4),
+            "admin route in main": lab.tcp_ok(lab.instance, VPN_HOST),
+            "admin route in main, from eth1's address": lab.tcp_ok(lab.instance, VPN_HOST,
+                                                                   bind=eth1_primary),
+        }
+
+    assert all(local_paths().values()), local_paths()
+    applied(lab)
+    assert all(local_paths().values()), local_paths()
+    route = lab.run(lab.instance, "ip", "route", "get", VPN_HOST, "from", eth1_primary).stdout
+    assert " dev vpn0 " in route, route
+
+
+# -- 5. two ENIs in one subnet --------------------------------------------------------
+
+def test_two_enis_in_one_subnet_answer_through_their_own_eni(make_lab):
+    lab = make_lab(enis=2, same_subnet=True)
+    eth0, eth1 = lab.enis
+    assert eth0.subnet4 == eth1.subnet4 and eth0.subnet6 == eth1.subnet6
+
+    before = lab.reachability(lab.addresses())
+    assert {a: before[a] for a in lab.addresses(eth1)} == {a: NEITHER for a in lab.addresses(eth1)}
+    assert not lab.tcp_ok(lab.instance, PEER4, bind=eth1.addresses4[0], timeout=1)
+
+    applied(lab)
+    drops = [lab.dropped(eni) for eni in lab.enis]
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+    assert lab.tcp_ok(lab.instance, PEER4, bind=eth1.addresses4[0])
+    assert lab.tcp_ok(lab.instance, PEER4, bind=eth0.addresses4[0])
+    assert [lab.dropped(eni) for eni in lab.enis] == drops, "a packet left through the wrong ENI"
+
+
+# -- 6. established sessions, the main table and IMDS survive -------------------------
+
+def test_established_session_survives_apply_reapply_and_flush(make_lab):
+    lab = make_lab(enis=2)
+    eth0 = lab.enis[0]
+    sessions = [lab.session(lab.client, eth0.addresses4[0]),
+                lab.session(lab.client, eth0.addresses6[0])]
+    assert all(s.exchange("before") for s in sessions)
+    main_before = lab.main_tables()
+
+    for step in ["apply", "re-apply", "flush"]:
+        applied(lab, *(["--flush"] if step == "flush" else []))
+        assert [s.exchange("after " + step) for s in sessions] == [True, True], step
+        assert lab.main_tables() == main_before, "main table changed by " + step
+        assert lab.imds_reachable(), "IMDS unreachable after " + step
+
+
+# -- 7. gateways of the per-ENI tables ------------------------------------------------
+
+@pytest.mark.parametrize("ra_router", ["fe80::1", "fe80::a:1"])
+def test_per_eni_tables_route_via_the_subnet_router_and_the_ra_router(make_lab, ra_router):
+    lab = make_lab(enis=2, ra_router=ra_router)
+    applied(lab)
+    for eni in lab.enis:
+        table = str(22000 + eni.device_number)
+        for family, gateway in [("-4", eni.gateway4), ("-6", ra_router)]:
+            routes = json.loads(lab.run(lab.instance, "ip", "-j", family, "route", "show",
+                                        "table", table).stdout)
+            defaults = [(r.get("gateway"), r.get("dev")) for r in routes if r["dst"] == "default"]
+            assert defaults == [(gateway, eni.name)], (family, table, routes)
+
+
+# -- 8. foreign state is untouched ------------------------------------------------------
+
+def add_foreign_state(lab):
+    """What other software leaves behind: rules, tables and chains without the
+    tool's markers, some inside its priority and table ranges."""
+    eth0 = lab.enis[0]
+    lab.ip(lab.instance,
+           "rule add pref 100 from 198.51.100.99 lookup 100",
+           "rule add pref 20150 from 198.51.100.98 lookup 150 protocol static",
+           "-6 rule add pref 100 from 2001:db8:a::99 lookup 100",
+           "route add 198.18.50.0/24 via %s dev eth0 table 100" % eth0.gateway4,
+           "route add 198.18.51.0/24 via %s dev eth0 table 22500 proto static" % eth0.gateway4,
+           "route add 198.18.52.0/24 via %s dev eth0 table 22000 proto static" % eth0.gateway4)
+    lab.iptables_restore(lab.instance, flush=False, rules="\n".join([
+        "*mangle",
+        ":KUBE-KUBELET-CANARY -",
+        "-A PREROUTING -i eth0 -m comment --comment \"AWS, primary ENI\" -m addrtype "
+        "--dst-type LOCAL --limit-iface-in -j CONNMARK --set-xmark 0x80/0x80",
+        "-A PREROUTING -i eth0 -m comment --comment \"AWS, primary ENI\" "
+        "-j CONNMARK --restore-mark --nfmask 0x80 --ctmask 0x80",
+        "COMMIT",
+        "*nat",
+        ":KUBE-MARK-MASQ -", ":KUBE-POSTROUTING -",
+        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+        "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0",
+        "-A KUBE-POSTROUTING -j MASQUERADE --random-fully",
+        "COMMIT",
+        "*filter",
+        ":KUBE-FIREWALL -",
+        "-A INPUT -j KUBE-FIREWALL",
+        "-A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j DROP",
+        "COMMIT", ""]))
+    lab.iptables_restore(lab.instance, v6=True, flush=False, rules="\n".join([
+        "*mangle", ":KUBE-KUBELET-CANARY -",
+        "-A PREROUTING -m comment --comment foreign -j MARK --set-xmark 0x80000/0x80000",
+        "COMMIT", ""]))
+
+
+def test_foreign_rules_tables_and_chains_are_untouched(make_lab):
+    lab = make_lab(enis=2, container=True)  # the container brings Docker's chains
+    add_foreign_state(lab)
+    before = lab.snapshot()
+
+    applied(lab)
+    assert_same(foreign_only(before, lab.enis), foreign_only(lab.snapshot(), lab.enis),
+                "foreign state after apply")
+    applied(lab, "--flush")
+    assert_same(before, lab.snapshot(), "the instance after apply + flush")
+
+
+def test_flush_after_an_eni_was_detached_removes_all_tool_state(make_lab):
+    lab = make_lab(enis=3)
+    before = lab.snapshot()
+    applied(lab)
+    eth2 = lab.enis[2]
+    lab.detach_eni(eth2)
+
+    applied(lab, "--flush")
+    after = lab.snapshot()
+    assert tool_lines(after) == []
+    assert_same(without(before, eth2.name), after, "the instance (but eth2) after flush")
+
+
+# -- 9. idempotent, and converging on changes ----------------------------------------
+
+def test_second_apply_changes_nothing(lab):
+    applied(lab)
+    first = lab.snapshot()
+    second = applied(lab)
+    assert "in sync" in second.stdout
+    assert_same(first, lab.snapshot(), "the instance after a second apply")
+
+
+def test_added_then_removed_addresses_converge(lab):
+    applied(lab)
+    baseline = lab.snapshot()
+    eth1 = lab.enis[1]
+    new = ["203.0.113.12", "2001:db8:b::12"]
+
+    def outgoing_from_new():
+        return [lab.tcp_ok(lab.instance, client, bind=address, timeout=1)
+                for address, client in zip(new, [CLIENT4, CLIENT6])]
+
+    for address in new:
+        lab.add_address(eth1, address)
+    # (answers to connections from outside already work: the tool marks them)
+    assert outgoing_from_new() == [False, False], "no rule for the new addresses yet"
+    applied(lab)
+    assert outgoing_from_new() == [True, True]
+    assert lab.reachability(new) == {a: BOTH for a in new}
+
+    for address in new:
+        lab.remove_address(eth1, address)
+    applied(lab)
+    assert_same(baseline, lab.snapshot(), "the instance after removing the addresses again")
+
+
+def test_hotplugged_eni_converges_and_leaves_no_trace_when_gone(lab):
+    applied(lab)
+    baseline = lab.snapshot()
+
+    eth2 = lab.attach_eni(addresses=2)
+    assert lab.reachability(lab.addresses(eth2)) == {a: NEITHER for a in lab.addresses(eth2)}
+    applied(lab)
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+
+    lab.detach_eni(eth2)
+    applied(lab)
+    assert_same(baseline, lab.snapshot(), "the instance after the ENI left again")
+
+
+# -- 10. fail-safe ----------------------------------------------------------------------
+
+def test_concurrent_runs_are_serialized(lab):
+    runs = [lab.popen_tool(), lab.popen_tool()]
+    results = [run.communicate_result() for run in runs]
+    assert [r.rc for r in results] == [0, 0], results
+    assert "in sync" in applied(lab).stdout
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+
+
+def test_failure_in_any_batch_rolls_back_to_the_state_before(make_lab):
+    lab = make_lab(enis=2, container=True)
+    before = lab.snapshot()
+    failed = 0
+    for n in itertools.count(1):
+        result = lab.run_tool(env={"MULTI_ENI_ROUTING_FAIL_AFTER": str(n)})
+        if result.rc == 0:
+            break  # N is past the last batch: a normal apply
+        assert result.rc == 1, result
+        assert_same(before, lab.snapshot(), "the instance after batch %d failed" % n)
+        failed += 1
+        assert n < 20, "the failure hook never stops failing"
+    assert failed >= 1, "MULTI_ENI_ROUTING_FAIL_AFTER=1 did not fail"
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+    applied(lab, "--flush")
+    assert_same(before, lab.snapshot(), "the instance after the final flush")
+
+
+def test_status_exit_codes_not_applied_in_sync_stale(lab):
+    assert lab.run_tool("--status").rc == 3
+    applied(lab)
+    assert lab.run_tool("--status").rc == 0
+    # someone (a network manager, say) removes one of the tool's rules
+    eth0 = lab.enis[0]
+    lab.ip(lab.instance, "rule del pref 20300 from %s table 22000" % eth0.addresses4[0])
+    stale = lab.run_tool("--status", "--json")
+    assert stale.rc == 1, stale
+    report = json.loads(stale.stdout)
+    assert report["applied"] and not report["in_sync"]
+    applied(lab)
+    assert lab.run_tool("--status").rc == 0
+
+
+def test_dry_run_changes_nothing(lab):
+    before = lab.snapshot()
+    result = lab.run_tool("--dry-run")
+    assert result.rc == 0, result
+    assert "rule add" in result.stdout
+    assert_same(before, lab.snapshot(), "the instance after --dry-run")
+    assert lab.run_tool("--status").rc == 3
+
+
+# -- without IMDS -----------------------------------------------------------------------
+
+def test_without_imds_named_interfaces_work_and_imds_is_given_up_quickly(make_lab):
+    lab = make_lab(enis=2, imds="absent")
+    assert not lab.imds_reachable(timeout=0.5)
+
+    started = time.monotonic()
+    result = lab.run_tool("-i", "eth0", "-i", "eth1")
+    elapsed = time.monotonic() - started
+    assert result.rc == 0, result
+    assert elapsed < 3, "the run took %.1f s with IMDS unreachable" % elapsed
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
