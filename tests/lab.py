@@ -792,13 +792,24 @@ class Lab:
     def reachability(self, addresses, src_ns=None, port=ECHO_PORT, timeout=1.0):
         """{address: Reach(icmp, tcp)} from SRC_NS (default: the client), all
         probes at once."""
-        src_ns = src_ns or self.client
+        results = self._probe([(src_ns or self.client, a, None) for a in addresses], port, timeout)
+        return dict(zip(addresses, results))
+
+    def paths(self, pairs, src_ns=None, port=ECHO_PORT, timeout=1.0):
+        """{(source, destination): Reach(icmp, tcp)} for sockets bound to
+        source in SRC_NS (default: the instance), all probes at once."""
+        results = self._probe([(src_ns or self.instance, d, s) for s, d in pairs], port, timeout)
+        return dict(zip(pairs, results))
+
+    def _probe(self, targets, port, timeout):
+        """[Reach] for each (namespace, destination, bind) in TARGETS."""
         calls = []
-        for a in addresses:
-            calls += [lambda a=a: ping(src_ns, a, timeout=timeout),
-                      lambda a=a: tcp_answer(src_ns, a, port, timeout=timeout) is not None]
+        for ns, dst, bind in targets:
+            calls += [lambda ns=ns, dst=dst, bind=bind: ping(ns, dst, bind, timeout),
+                      lambda ns=ns, dst=dst, bind=bind:
+                          tcp_answer(ns, dst, port, bind, timeout) is not None]
         results = in_parallel(calls)
-        return {a: Reach(*results[2 * i:2 * i + 2]) for i, a in enumerate(addresses)}
+        return [Reach(*results[i:i + 2]) for i in range(0, len(results), 2)]
 
     def addresses(self, *enis, v4=True, v6=True):
         """The addresses of ENIS (default all), IPv4 then IPv6 per ENI."""

@@ -88,16 +88,11 @@ def test_socket_bound_to_an_eni_address_leaves_through_that_eni(make_lab):
         (eth1.addresses4[0], CLIENT4): "main's default sends it out eth0",
         (eth1.addresses6[0], CLIENT6): "main's IPv6 default (lowest metric) is eth0's",
     }
+    assert lab.paths(list(routes)) == {route: NEITHER for route in routes}, routes
 
-    def probe():
-        return {route: (lab.ping_ok(lab.instance, route[1], bind=route[0], timeout=1),
-                        lab.tcp_ok(lab.instance, route[1], ECHO_PORT, bind=route[0], timeout=1))
-                for route in routes}
-
-    assert probe() == {route: (False, False) for route in routes}, routes
     applied(lab)
     drops = [lab.dropped(eni) for eni in lab.enis]
-    assert probe() == {route: (True, True) for route in routes}
+    assert lab.paths(list(routes)) == {route: BOTH for route in routes}
     assert [lab.dropped(eni) for eni in lab.enis] == drops, "a packet left through the wrong ENI"
 
 
