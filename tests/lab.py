@@ -354,7 +354,10 @@ class Imds:
 
     def __init__(self, lab, mode):
         self.lab = lab
-        self.mode = mode  # "v2" | "optional" | "v1" | "refused" | "absent"
+        self.mode = mode  # "v2" | "optional" | "v1" | "refused" | "v6-only" | "absent"
+        # the router silently drops packets to a silent endpoint: clients time out
+        self.silent4 = mode in ("absent", "v6-only")
+        self.silent6 = mode == "absent"
         self.config_path = Path(lab.tmpdir, "imds.json")
         self.log_path = Path(lab.tmpdir, "imds.log")
         self.behaviour = {"tokens": {"v2": "required", "optional": "optional",
@@ -409,6 +412,11 @@ class Imds:
             self.stop()
             raise LabError("the IMDS emulator did not start: %s" % self.process.stderr.read().decode())
 
+    def go_silent(self):
+        """From now on neither endpoint answers (packets are dropped)."""
+        self.silent4 = self.silent6 = True
+        self.lab._apply_source_checks()
+
     def stop(self):
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -458,7 +466,8 @@ class Lab:
     addresses:       addresses per ENI, an int or one int per ENI
     same_subnet:     eth1 in eth0's subnet (198.51.100.20) instead of 203.0.113.0/24
     ipv6:            IPv6 addresses and RA default routes on every ENI
-    imds:            "v2" (tokens enforced), "optional", "v1", "refused", "absent"
+    imds:            "v2" (tokens enforced), "optional", "v1", "refused",
+                     "v6-only" (169.254.169.254 silent), "absent" (both silent)
     container:       a Docker-like bridge, container and DNAT of DNAT_PORT on
                      dnat_address (default: eth1's second address)
     admin_link:      an extra non-ENI link with an admin route in main
@@ -646,7 +655,7 @@ class Lab:
                 owned += ["fe80::/10", "::/128"]
             rules += ["-A %s -s %s -j RETURN" % (chain, a) for a in owned]
             rules.append("-A %s -j DROP" % chain)
-        if self.imds.mode == "absent":  # clients must time out, not be refused
+        if self.imds.silent6 if v6 else self.imds.silent4:
             rules.append("-A PREROUTING -d %s -j DROP" % (IMDS6 if v6 else IMDS4))
         return "\n".join(lines + rules + ["COMMIT", ""])
 
@@ -866,7 +875,7 @@ class Lab:
         return {
             "ip rule": _run(["ip", "-n", ns, "rule", "show"]).stdout,
             "ip -6 rule": _run(["ip", "-n", ns, "-6", "rule", "show"]).stdout,
-            "ip route": _run(["ip", "-n", ns, "route", "show", "table", "all"]).stdout,
+            "ip route": _run(["ip", "-n", ns, "-4", "route", "show", "table", "all"]).stdout,
             "ip -6 route": _run(["ip", "-n", ns, "-6", "route", "show", "table", "all"]).stdout,
             "iptables": iptables("iptables-save"),
             "ip6tables": iptables("ip6tables-save"),

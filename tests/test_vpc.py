@@ -359,3 +359,96 @@ def test_without_imds_named_interfaces_work_and_imds_is_given_up_quickly(make_la
     assert result.rc == 0, result
     assert elapsed < 3, "the run took %.1f s with IMDS unreachable" % elapsed
     assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+
+
+# -- IMDS answering badly -------------------------------------------------------------------
+
+def found_by(lab):
+    """{ENI name: how the tool found it} from --status --json."""
+    status = lab.run_tool("--status", "--json")
+    return {eni["name"]: eni["found_by"] for eni in json.loads(status.stdout)["enis"]}
+
+
+def test_imdsv1_is_used_when_the_token_call_is_unknown(make_lab):
+    lab = make_lab(enis=2, imds="v1")
+    applied(lab)
+    assert found_by(lab) == {"eth0": "imds", "eth1": "imds"}
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+
+
+def test_imds_over_ipv6_when_the_ipv4_endpoint_is_silent(make_lab):
+    lab = make_lab(enis=2, imds="v6-only")
+    applied(lab)
+    assert found_by(lab) == {"eth0": "imds", "eth1": "imds"}
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+
+
+def test_throttling_and_a_not_yet_propagated_eni_are_retried(lab):
+    eth1 = lab.enis[1]
+    lab.imds.misbehave(throttle_first=3, mac_404_first={eth1.mac: 2})
+    applied(lab)
+    assert len(lab.imds.requests()) < 60, "a retry storm"
+    lab.imds.misbehave(throttle_first=0, mac_404_first={})
+    assert found_by(lab) == {"eth0": "imds", "eth1": "imds"}
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+
+
+def break_imds(lab, how):
+    eth1 = lab.enis[1]
+    local_ipv4s = "network/interfaces/macs/%s/local-ipv4s" % eth1.mac
+    if how == "silent":
+        lab.imds.go_silent()
+    elif how == "404 forever":
+        lab.imds.misbehave(mac_404_first={eth1.mac: 10 ** 9})
+    else:
+        lab.imds.override(local_ipv4s, {"junk": "not an address\n\x01\x02",
+                                        "wrong family": eth1.addresses6[0],
+                                        "huge": {"huge": 5 * 1024 * 1024}}[how])
+
+
+@pytest.mark.parametrize("how, configured", [
+    ("silent", True),  # every address configured on the interfaces
+    # only the primaries configured: the tool added the rest from IMDS
+    ("silent", False), ("404 forever", False), ("junk", False), ("wrong family", False),
+    ("huge", False)])
+def test_a_broken_imds_answer_changes_nothing_already_routed(make_lab, how, configured):
+    lab = make_lab(enis=2, configure_secondaries=configured)
+    applied(lab)
+    routed = lab.snapshot()
+
+    break_imds(lab, how)
+    result = lab.run_tool("--imds-timeout", "1")
+    assert result.rc == 0, result
+    assert "Traceback" not in result.stderr
+    assert_same(routed, lab.snapshot(), "the instance after IMDS answered badly (%s)" % how)
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+
+
+def test_addresses_only_imds_knows_are_added_routed_and_given_back(make_lab):
+    lab = make_lab(enis=2, configure_secondaries=False)
+    eth1 = lab.enis[1]
+    before = lab.snapshot()
+    secondaries = [eth1.addresses4[1], eth1.addresses6[1]]
+    assert lab.reachability(secondaries) == {a: NEITHER for a in secondaries}
+
+    applied(lab)
+    addresses = lab.run(lab.instance, "ip", "-o", "addr", "show", "dev", "eth1").stdout
+    assert " %s/32 " % secondaries[0] in addresses and " %s/128 " % secondaries[1] in addresses
+    assert lab.reachability(secondaries) == {a: BOTH for a in secondaries}
+
+    lab.remove_address(eth1, secondaries[0], on_instance=False)  # unassigned in the VPC
+    applied(lab)
+    assert secondaries[0] not in lab.run(lab.instance, "ip", "-o", "addr").stdout
+    applied(lab, "--flush")
+    assert_same(before, lab.snapshot(), "the instance after flush")
+
+
+# -- other shapes of instance -----------------------------------------------------------------
+
+def test_three_enis_with_predictable_names(make_lab):
+    lab = make_lab(enis=3, names="ens")
+    assert [eni.name for eni in lab.enis] == ["ens5", "ens6", "ens7"]
+    applied(lab)
+    assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
+    tables = lab.run(lab.instance, "ip", "rule").stdout
+    assert all("lookup %d" % (22000 + eni.device_number) in tables for eni in lab.enis)
