@@ -635,7 +635,8 @@ def build_eni(link, device_number, network_card, meta, main_routes, add_from_imd
     is neither kept nor routed; one the admin configured always stays."""
     ipv4, added4 = addresses_of(link.name, link.ipv4, meta and meta.ipv4s, add_from_imds, owned)
     ipv6, added6 = addresses_of(link.name, link.ipv6, meta and meta.ipv6s, add_from_imds, owned)
-    connected = [r for r in main_routes if r.dev == link.name and r.gateway is None and r.dst != "default"]
+    connected = [r for r in main_routes if r.dev == link.name and r.gateway is None
+                 and r.dst != "default" and not is_host_route(r.dst)]
     subnets4 = (meta.subnets4 if meta and meta.subnets4 else
                 unique(ipaddress.ip_network(r.dst) for r in connected if r.family == 4)
                 or unique(a.network for a in link.ipv4 if a.network.prefixlen < 32))
@@ -664,6 +665,12 @@ def addresses_of(dev, configured, listed, add_from_imds, owned):
         return tuple(theirs + mine), tuple(mine)
     added = tuple(a for a in listed if a not in theirs) if add_from_imds else ()
     return tuple(theirs) + added, added
+
+
+def is_host_route(dst):
+    """A /32 or /128: an address's own route, never a subnet."""
+    network = ipaddress.ip_network(dst)
+    return network.prefixlen == network.max_prefixlen
 
 
 def gateway4_of(dev, subnets4, main_routes):
@@ -850,8 +857,9 @@ def route_command(verb, route):
 
 
 def address_command(verb, address):
-    # nodad: the VPC already guarantees the address is this ENI's alone.
-    extra = " nodad" if verb == "add" and family_of(address.cidr) == 6 else ""
+    # nodad: the VPC already guarantees the address is this ENI's alone;
+    # noprefixroute: a /128 needs no route in main (local delivery is in `local`).
+    extra = " nodad noprefixroute" if verb == "add" and family_of(address.cidr) == 6 else ""
     return "address %s %s dev %s%s" % (verb, address.cidr, address.dev, extra)
 
 

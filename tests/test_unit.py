@@ -260,7 +260,7 @@ def test_mangle_in_sync_needs_nothing_and_a_duplicate_jump_is_repaired():
 
 def test_ipv6_addresses_are_added_without_dad():
     add = mer.address_command("add", mer.Address("eth1", "2001:db8:b::11/128"))
-    assert add == "address add 2001:db8:b::11/128 dev eth1 nodad"
+    assert add == "address add 2001:db8:b::11/128 dev eth1 nodad noprefixroute"
 
 
 def test_status_exit_codes():
