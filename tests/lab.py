@@ -484,7 +484,7 @@ class Lab:
         counts = [addresses] * enis if isinstance(addresses, int) else list(addresses)
         self.same_subnet, self.ipv6, self.names = same_subnet, ipv6, names
         self.enis = [plan_eni(i, n, same_subnet, ipv6, names) for i, n in enumerate(counts)]
-        self.container_on, self.admin_link, self.rp_filter = container, admin_link, rp_filter
+        self.rp_filter = rp_filter
         self.configure_secondaries = configure_secondaries
         self.ra_router = ra_router
         if container and not dnat_address:
@@ -523,6 +523,9 @@ class Lab:
         for ns in [self.instance, self.router, self.client, self.peer, self.container, self.vpn]:
             if ns:
                 self._add_namespace(ns)
+        # before the ENIs exist, so that they inherit "default"
+        self.sysctl(self.instance, **{"net.ipv4.conf.all.rp_filter": self.rp_filter,
+                                      "net.ipv4.conf.default.rp_filter": self.rp_filter})
         self._build_router()
         self._build_instance()
         self._build_client_and_peer()
@@ -553,7 +556,7 @@ class Lab:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def _kill_processes_in(self, ns):
-        """Processes still running in one of our namespaces (a hung tool run)."""
+        """Kill what still runs in one of our namespaces (a hung tool run, say)."""
         pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, ValueError):
@@ -671,19 +674,12 @@ class Lab:
     # -- the instance --
 
     def _build_instance(self):
-        self.sysctl(self.instance, **{
-            "net.ipv4.conf.all.rp_filter": self.rp_filter,
-            "net.ipv4.conf.default.rp_filter": self.rp_filter,
-        })
         commands = []
         for eni in self.enis:
             commands += self._instance_eni_commands(eni)
         # what DHCP leaves: one default route, via the primary ENI
         commands.append("route add default via %s dev %s" % (self.enis[0].gateway4, self.enis[0].name))
         self.ip(self.instance, *commands)
-        if self.rp_filter:  # ENIs were created before "default" was set above
-            self.sysctl(self.instance, **{"net.ipv4.conf.%s.rp_filter" % e.name: self.rp_filter
-                                          for e in self.enis})
 
     def _instance_eni_commands(self, eni):
         configured = slice(None) if self.configure_secondaries else slice(1)
@@ -733,9 +729,6 @@ class Lab:
 
     # -- changing the VPC while it runs --
 
-    def eni(self, name):
-        return next(e for e in self.enis if e.name == name)
-
     def add_address(self, eni, address, on_instance=True):
         """Assign ADDRESS to ENI in the VPC (router, IMDS) and, if asked, on
         the instance's interface."""
@@ -766,8 +759,6 @@ class Lab:
         self.ip(self.router, *self._router_port_commands(eni))
         self._answer_arp_at_once([eni.port])
         self.ip(self.instance, *self._instance_eni_commands(eni))
-        if self.rp_filter:
-            self.sysctl(self.instance, **{"net.ipv4.conf.%s.rp_filter" % eni.name: self.rp_filter})
         self._apply_source_checks()
         self.imds.write()
         return eni
