@@ -23,10 +23,8 @@ import errno
 import fcntl
 import ipaddress
 import json
-import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -94,7 +92,35 @@ PACKAGES = {
     "ip6tables-restore": "iptables",
 }
 
-log = logging.getLogger(PROG)
+
+
+class Log:
+    """Messages on stderr, filtered by level. (The logging module costs 5 ms of
+    start-up, a tenth of an in-sync run.)"""
+
+    DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
+
+    def __init__(self):
+        self.level = self.WARNING
+
+    def emit(self, level, label, message, args):
+        if level >= self.level:
+            sys.stderr.write("%s: %s: %s\n" % (PROG, label, message % args if args else message))
+
+    def debug(self, message, *args):
+        self.emit(self.DEBUG, "debug", message, args)
+
+    def info(self, message, *args):
+        self.emit(self.INFO, "info", message, args)
+
+    def warning(self, message, *args):
+        self.emit(self.WARNING, "warning", message, args)
+
+    def error(self, message, *args):
+        self.emit(self.ERROR, "error", message, args)
+
+
+log = Log()
 
 
 class ToolError(Exception):
@@ -144,11 +170,20 @@ def run_all(commands):
     return outputs
 
 
+def which(name):
+    """The program's path in PATH or the sbin directories (boot may run without them)."""
+    for directory in os.environ.get("PATH", "").split(":") + ["/usr/sbin", "/sbin"]:
+        path = os.path.join(directory or ".", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
 def find_programs(names):
     """Resolve program paths once; a missing one is exit 5 naming its package."""
     paths = {}
     for name in names:
-        path = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+        path = which(name)
         if not path:
             raise ToolError("%s not found: install %s" % (name, PACKAGES.get(name, name)),
                             EXIT_MISSING_PROGRAM)
@@ -158,8 +193,10 @@ def find_programs(names):
 
 # -- Data model: plain tuples between the stages. ---------------------------------
 
-# A network interface as `ip -j -d addr` shows it; addresses are ip_interface objects.
+# A network interface as `ip -j addr` shows it, with its global addresses. `kind`
+# (veth, bridge...) is only known from `ip -d` output; sysfs decides what is a NIC.
 Link = collections.namedtuple("Link", "name index mac kind master up ipv4 ipv6")
+LinkAddress = collections.namedtuple("LinkAddress", "ip prefixlen")  # strings as `ip` prints
 # A main-table route: what DHCP, RAs and the kernel left (gateways, connected subnets).
 MainRoute = collections.namedtuple("MainRoute", "family dst gateway dev protocol")
 # An ENI as the plan sees it. `imds_ipv4/6` are None when IMDS did not say.
@@ -195,7 +232,7 @@ def table_of(eni):
 
 # What discovery reads, by name; parse_system takes the outputs under these names.
 READ_COMMANDS = (
-    ("addr", ("ip", "-j", "-d", "address", "show")),
+    ("addr", ("ip", "-j", "address", "show")),
     ("rule4", ("ip", "-j", "-4", "rule", "show")),
     ("rule6", ("ip", "-j", "-6", "rule", "show")),
     ("route4", ("ip", "-j", "-4", "route", "show", "table", "all")),
@@ -205,11 +242,30 @@ READ_COMMANDS = (
 )
 
 
-def read_system(programs):
-    """Read links, rules, routes and mangle tables in one parallel round."""
-    commands = [[programs[argv[0]]] + list(argv[1:]) for _, argv in READ_COMMANDS]
-    outputs = dict(zip((name for name, _ in READ_COMMANDS), run_all(commands)))
-    return parse_system(outputs, read_sysfs(), netns_id())
+ALL_SOURCES = frozenset(name for name, _ in READ_COMMANDS)
+
+
+def read_outputs(programs, names=ALL_SOURCES):
+    """Run the READ_COMMANDS named, all at once; their outputs by name."""
+    chosen = [(name, argv) for name, argv in READ_COMMANDS if name in names]
+    commands = [[programs[argv[0]]] + list(argv[1:]) for _, argv in chosen]
+    return dict(zip((name for name, _ in chosen), run_all(commands)))
+
+
+def sources_touched(changes):
+    """The READ_COMMANDS whose output the changes can alter: verify re-reads only those."""
+    names = set()
+    if changes.ip4:
+        names |= {"rule4", "route4"}
+    if changes.ip6:
+        names |= {"rule6", "route6"}
+    if any(line.startswith("address") for line in changes.ip4 + changes.ip6):
+        names.add("addr")
+    if changes.iptables4:
+        names.add("mangle4")
+    if changes.iptables6:
+        names.add("mangle6")
+    return names
 
 
 def parse_system(outputs, sysfs, netns=None):
@@ -236,14 +292,13 @@ def load_json(text, what):
 
 
 def parse_links(data):
-    """Links with their global addresses, from `ip -j -d address show`."""
+    """Links with their global addresses, from `ip -j address show`."""
     links = []
     for entry in data:
         addrs = {"inet": [], "inet6": []}
         for info in entry.get("addr_info", []):
             if info.get("scope") == "global" and info.get("family") in addrs:
-                addrs[info["family"]].append(
-                    ipaddress.ip_interface("%s/%s" % (info["local"], info["prefixlen"])))
+                addrs[info["family"]].append(LinkAddress(info["local"], info["prefixlen"]))
         links.append(Link(
             name=entry["ifname"], index=entry.get("ifindex", 0),
             mac=(entry.get("address") or "").lower(),
@@ -264,10 +319,12 @@ def table_number(value):
 
 
 def host_cidr(address, length=None):
-    """"203.0.113.5" -> "203.0.113.5/32"; with a length, the network it names."""
-    ip = ipaddress.ip_address(address)
-    return str(ipaddress.ip_network("%s/%s" % (ip, ip.max_prefixlen if length is None else length),
-                                    strict=False))
+    """"203.0.113.5" -> "203.0.113.5/32". Plain strings: `ip` prints addresses in
+    canonical form, IMDS answers are made canonical when parsed, and ipaddress
+    objects for a thousand rules cost more than the rest of a run."""
+    if length is None:
+        length = 128 if ":" in address else 32
+    return "%s/%s" % (address, length)
 
 
 def parse_rules(data, family):
@@ -639,12 +696,12 @@ def build_eni(link, device_number, network_card, meta, main_routes, add_from_imd
                  and r.dst != "default" and not is_host_route(r.dst)]
     subnets4 = (meta.subnets4 if meta and meta.subnets4 else
                 unique(ipaddress.ip_network(r.dst) for r in connected if r.family == 4)
-                or unique(a.network for a in link.ipv4 if a.network.prefixlen < 32))
+                or networks_of(link.ipv4, 32))
     subnets6 = (meta.subnets6 if meta and meta.subnets6 else
                 unique(ipaddress.ip_network(r.dst) for r in connected
                        if r.family == 6 and not ipaddress.ip_network(r.dst).is_link_local
                        and not ipaddress.ip_network(r.dst).is_multicast)
-                or unique(a.network for a in link.ipv6 if a.network.prefixlen < 128))
+                or networks_of(link.ipv6, 128))
     return Eni(
         name=link.name, mac=link.mac, device_number=device_number, network_card=network_card,
         ipv4=ipv4, ipv6=ipv6,
@@ -659,12 +716,17 @@ def build_eni(link, device_number, network_card, meta, main_routes, add_from_imd
 
 def addresses_of(dev, configured, listed, add_from_imds, owned):
     """(addresses to route, addresses the tool adds or keeps) of one family."""
-    mine = [str(a.ip) for a in configured if (dev, str(a.ip)) in owned]
-    theirs = [str(a.ip) for a in configured if (dev, str(a.ip)) not in owned]
+    mine = [a.ip for a in configured if (dev, a.ip) in owned]
+    theirs = [a.ip for a in configured if (dev, a.ip) not in owned]
     if listed is None:  # no IMDS answer: what the tool added stays
         return tuple(theirs + mine), tuple(mine)
     added = tuple(a for a in listed if a not in theirs) if add_from_imds else ()
     return tuple(theirs) + added, added
+
+
+def networks_of(addresses, host_length):
+    """The subnets the addresses name (not /32 or /128 ones)."""
+    return unique(ipaddress.ip_network("%s/%s" % a, strict=False) for a in addresses if a.prefixlen < host_length)
 
 
 def is_host_route(dst):
@@ -778,7 +840,7 @@ def originals_of(record):
 
 def owned_state(system, record):
     """What of the running system is the tool's: by marker, or by its state record."""
-    present = {(link.name, str(a.ip)) for link in system.links for a in link.ipv4 + link.ipv6}
+    present = {(link.name, a.ip) for link in system.links for a in link.ipv4 + link.ipv6}
     addresses = frozenset(Address(dev, cidr) for dev, cidr in record.get("addresses", [])
                           if (dev, cidr.split("/")[0]) in present)
     sysctls = {key: entry["set"] for key, entry in record.get("sysctls", {}).items()}
@@ -964,8 +1026,10 @@ def load_record(path):
     return record if isinstance(record, dict) else {}
 
 
-def save_record(path, record):
+def save_record(path, record, unchanged_from=None):
     """Write the record atomically; remove it when there is nothing to remember."""
+    if record == unchanged_from:
+        return
     if not record.get("sysctls") and not record.get("addresses"):
         if os.path.exists(path):
             os.unlink(path)
@@ -987,13 +1051,13 @@ def merge_record(record, desired, changes):
             sysctls.setdefault(key, {"original": old, "set": new})
     addresses = {tuple(a) for a in record.get("addresses", [])}
     addresses |= {(a.dev, a.cidr) for a in desired.addresses}
-    return {"sysctls": sysctls, "addresses": sorted(addresses)}
+    return {"sysctls": sysctls, "addresses": [list(a) for a in sorted(addresses)]}
 
 
 def final_record(record, desired):
     """The record once the system matches `desired`."""
     return {"sysctls": {k: v for k, v in record.get("sysctls", {}).items() if k in desired.sysctls},
-            "addresses": sorted((a.dev, a.cidr) for a in desired.addresses)}
+            "addresses": sorted([a.dev, a.cidr] for a in desired.addresses)}
 
 
 class Run:
@@ -1004,10 +1068,13 @@ class Run:
         self.state_file = state_file
         self.fail_after = fail_after
         self.record = {}
+        self.outputs = {}
 
-    def read(self):
-        """Read the system and the state record; return (system, owned state)."""
-        system = read_system(self.programs)
+    def read(self, sources=ALL_SOURCES):
+        """Read the system (again, only `sources`) and the state record;
+        return (system, owned state)."""
+        self.outputs.update(read_outputs(self.programs, sources))
+        system = parse_system(self.outputs, read_sysfs(), netns_id())
         self.record = load_record(self.state_file)
         return system, owned_state(system, self.record)
 
@@ -1020,13 +1087,13 @@ class Run:
         record = self.record
         changes = self.changes(desired, owned)
         if is_empty(changes):
-            save_record(self.state_file, final_record(record, desired))
+            save_record(self.state_file, final_record(record, desired), unchanged_from=record)
             return changes
         merged = merge_record(record, desired, changes)
         save_record(self.state_file, merged)
         try:
             apply_changes(self.programs, changes, self.fail_after)
-            _, now = self.read()
+            _, now = self.read(sources_touched(changes))
             left = self.changes(desired, now)
             if not is_empty(left):
                 raise ToolError("verification failed: still pending: %s" % render(left)[0])
@@ -1163,12 +1230,8 @@ def mark_mask_arg(text):
 
 
 def setup_logging(verbose, quiet):
-    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
-        max(-1, min(verbose - quiet, 2)), logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%s: %%(levelname)s: %%(message)s" % PROG))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
+    """-v and -q are counters: -v info, -vv every command; -q errors only."""
+    log.level = {-1: Log.ERROR, 0: Log.WARNING, 1: Log.INFO}.get(max(-1, min(verbose - quiet, 2)), Log.DEBUG)
 
 
 def discover_imds(args):
