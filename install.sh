@@ -229,7 +229,7 @@ installer_name() {
 # check_programs: the programs the tool runs must exist on this host.
 check_programs() {
     missing='' pkgs=''
-    for p in ip iptables iptables-restore ip6tables-restore python3; do
+    for p in ip iptables-save iptables-restore ip6tables-save ip6tables-restore python3; do
         if ! command -v "$p" >/dev/null 2>&1; then
             missing="$missing $p"
             pkg=$(package_hint "$p")
