@@ -690,7 +690,9 @@ def build_eni(link, device_number, network_card, meta, main_routes, add_from_imd
     """Combine what the interface has, what main says and what IMDS says.
     With a full IMDS answer, an address the tool added that IMDS no longer lists
     is neither kept nor routed; one the admin configured always stays."""
-    ipv4, added4 = addresses_of(link.name, link.ipv4, meta and meta.ipv4s, add_from_imds, owned)
+    # IMDS lists the ENI's primary IPv4 first; DHCP configures that one, so an
+    # interface whose DHCP has not finished yet is left to it, not given a /32.
+    ipv4, added4 = addresses_of(link.name, link.ipv4, meta and meta.ipv4s[1:], add_from_imds, owned)
     ipv6, added6 = addresses_of(link.name, link.ipv6, meta and meta.ipv6s, add_from_imds, owned)
     connected = [r for r in main_routes if r.dev == link.name and r.gateway is None
                  and r.dst != "default" and not is_host_route(r.dst)]
@@ -962,13 +964,23 @@ def sysctl_writes(desired, owned, values, originals):
     return writes
 
 
+def annotate(command):
+    if command.startswith("address add"):
+        return command + "  # assigned in IMDS, not configured"
+    if command.startswith("address del"):
+        return command + "  # added by this tool, no longer assigned"
+    return command
+
+
 def is_empty(changes):
     return not any(changes)
 
 
 def render(changes):
-    """The changes as the exact commands, one per line, for --dry-run and logs."""
-    lines = ["ip -4 " + c for c in changes.ip4] + ["ip -6 " + c for c in changes.ip6]
+    """The changes as the exact commands, one per line, for --dry-run and logs.
+    Address lines say why, as a shell comment: the tool only adds and removes
+    addresses that IMDS assigns (or assigned) to the ENI."""
+    lines = ["ip -4 " + annotate(c) for c in changes.ip4] + ["ip -6 " + annotate(c) for c in changes.ip6]
     lines += ["iptables -t mangle " + c for c in changes.iptables4]
     lines += ["ip6tables -t mangle " + c for c in changes.iptables6]
     lines += ["sysctl -w %s=%s" % (key.replace("/", "."), new) for key, new, _ in changes.sysctls]
@@ -1267,6 +1279,13 @@ def main(argv=None):
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("%s: interrupted\n" % PROG)
+        return EXIT_FAILURE
+    except Exception as exc:  # a bug or an unforeseen system error: still one line
+        if log.level <= Log.DEBUG:
+            import traceback
+            traceback.print_exc()
+        sys.stderr.write("%s: error: unexpected %s: %s (-vv shows where)\n"
+                         % (PROG, exc.__class__.__name__, exc))
         return EXIT_FAILURE
 
 

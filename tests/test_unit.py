@@ -268,3 +268,23 @@ def test_status_exit_codes():
     nothing = mer.Changes([], [], [], [], [])
     assert mer.status_report([], owned, nothing)["applied"] is True
     assert mer.status_report([], EMPTY, nothing)["applied"] is False
+
+
+def test_eni_waiting_for_dhcp_is_not_given_its_primary_address():
+    """IMDS lists eth1's primary 203.0.113.10, but eth1 has no address yet: DHCP's job."""
+    enis = {e.name: e for e in enis_of("no-address")}
+    assert enis["eth1"].added_ipv4 == () and enis["eth1"].ipv4 == ()
+    assert not any(r.table == 22001 for r in mer.plan(list(enis.values())).rules)
+
+
+def test_dry_run_says_where_an_added_address_comes_from():
+    lines = recorded.plan_commands("nitro-ens5-ens6-ens7")
+    assert lines[0] == "ip -4 address add 198.51.100.141/32 dev ens6  # assigned in IMDS, not configured"
+
+
+def test_an_unexpected_error_is_one_line_not_a_traceback(monkeypatch, capsys):
+    monkeypatch.setattr(mer.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(mer, "find_programs", lambda names: 1 / 0)
+    assert mer.main(["--dry-run"]) == mer.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert err == "multi-eni-routing: error: unexpected ZeroDivisionError: division by zero (-vv shows where)\n"
