@@ -1258,10 +1258,15 @@ def discover_imds(args):
 
 
 def check_interfaces(args, system):
+    """-i naming a missing interface is a usage error for apply; flush and status
+    must still work after that ENI was detached, so they only drop the name."""
     names = {link.name for link in system.links}
-    for name in args.interface:
-        if name not in names:
-            raise ToolError("no such interface: %s" % name, EXIT_USAGE)
+    missing = [name for name in args.interface if name not in names]
+    if missing and not (args.flush or args.status):
+        raise ToolError("no such interface: %s" % ", ".join(missing), EXIT_USAGE)
+    if missing:
+        log.warning("no such interface: %s (ignored)", ", ".join(missing))
+        args.interface = [name for name in args.interface if name in names]
 
 
 def main(argv=None):

@@ -288,3 +288,14 @@ def test_an_unexpected_error_is_one_line_not_a_traceback(monkeypatch, capsys):
     assert mer.main(["--dry-run"]) == mer.EXIT_FAILURE
     err = capsys.readouterr().err
     assert err == "multi-eni-routing: error: unexpected ZeroDivisionError: division by zero (-vv shows where)\n"
+
+
+def test_interface_gone_is_a_usage_error_for_apply_but_not_for_flush_or_status(monkeypatch):
+    system = recorded.system("xen-eth0-eth1")
+    with pytest.raises(mer.ToolError) as error:
+        mer.check_interfaces(mer.parse_args(["-i", "eth0", "-i", "eth9"]), system)
+    assert error.value.exit_code == mer.EXIT_USAGE and "eth9" in str(error.value)
+    for action in (["-f"], ["--status"]):
+        args = mer.parse_args(action + ["-i", "eth0", "-i", "eth9"])
+        mer.check_interfaces(args, system)
+        assert args.interface == ["eth0"]
