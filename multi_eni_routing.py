@@ -21,6 +21,7 @@ import argparse
 import collections
 import errno
 import fcntl
+import gc
 import ipaddress
 import json
 import os
@@ -1271,6 +1272,9 @@ def check_interfaces(args, system):
 
 def main(argv=None):
     """Run the tool; return its exit code. Errors are one line on stderr."""
+    # A short run that builds thousands of small objects and no cycles worth
+    # collecting: the cyclic collector would only cost time (~5 ms at 15x50).
+    gc.disable()
     try:
         args = parse_args(argv)
     except SystemExit as exc:
