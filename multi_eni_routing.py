@@ -1187,15 +1187,21 @@ def print_status(report):
 
 # -- Command line. ----------------------------------------------------------------
 
+EPILOG = (
+    "Everything the tool adds carries its marker: rules and routes protocol %d (tables %d-%d), "
+    "mangle chains %s and %s, and a state record for the sysctls it changed and the addresses "
+    "it added. Flush removes exactly that. Exit codes: 0 success; 1 failure (the run was rolled "
+    "back), or with --status applied but stale; 2 bad usage; 3 with --status: nothing applied; "
+    "4 not root; 5 a required program is missing.")
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="multi-eni-routing.py",
         description="Give every ENI of this EC2 instance its own policy routing, so that "
                     "every address of every ENI answers through its own ENI. Without an "
                     "action: apply (converge to the plan; safe to repeat).",
-        epilog="Exit codes: 0 success; 1 failure (the run was rolled back), or with --status "
-               "applied but stale; 2 bad usage; 3 with --status: nothing applied; "
-               "4 not root; 5 a required program is missing.")
+        epilog=EPILOG % (RT_PROTO, TABLE_BASE, TABLE_LAST, CHAIN_PREROUTING, CHAIN_OUTPUT))
     action = parser.add_mutually_exclusive_group()
     action.add_argument("-f", "--flush", action="store_true",
                         help="remove every rule, route, chain and address the tool added and give "
@@ -1215,7 +1221,7 @@ def parse_args(argv):
     parser.add_argument("--no-imds-addresses", action="store_true",
                         help="route only the addresses configured on the interfaces; do not add "
                              "the secondary addresses IMDS lists")
-    parser.add_argument("--imds-timeout", type=float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--imds-timeout", type=seconds_arg, default=5.0, metavar="SECONDS",
                         help="bound on all IMDS requests with retries (default 5); an IMDS that "
                              "does not answer at all is given up on within 2 s")
     parser.add_argument("--mark-mask", type=mark_mask_arg, default=DEFAULT_MARK_MASK, metavar="MASK",
@@ -1229,6 +1235,16 @@ def parse_args(argv):
     if args.json and not args.status:
         parser.error("--json goes with --status")
     return args
+
+
+def seconds_arg(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+    if not 0 < value <= 300:
+        raise argparse.ArgumentTypeError("%r: give 0 < SECONDS <= 300" % text)
+    return value
 
 
 def mark_mask_arg(text):

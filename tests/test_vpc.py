@@ -448,6 +448,32 @@ def test_addresses_only_imds_knows_are_added_routed_and_given_back(make_lab):
     assert_same(before, lab.snapshot(), "the instance after flush")
 
 
+def test_admin_addresses_are_never_removed_and_flush_gives_back_what_imds_dropped(make_lab):
+    lab = make_lab(enis=2, configure_secondaries=False)
+    eth1 = lab.enis[1]
+    added, listed_and_by_hand = eth1.addresses4[1], "203.0.113.12"
+    lab.add_address(eth1, listed_and_by_hand, on_instance=False)
+    by_hand_only = "203.0.113.13"
+    lab.ip(lab.instance, "address add %s/24 dev eth1" % listed_and_by_hand)  # the admin's own
+    lab.ip(lab.instance, "address add %s/32 dev eth1" % by_hand_only)
+    before = lab.snapshot()
+
+    applied(lab)
+    addresses = lab.run(lab.instance, "ip", "-o", "-4", "addr", "show", "dev", "eth1").stdout
+    assert " %s/32 " % added in addresses  # only IMDS knew it: the tool added it
+    assert addresses.count(listed_and_by_hand) == 1  # configured already: not added twice
+
+    # Unassigned in the VPC: IMDS stops listing both. The tool's own address goes
+    # with the flush although IMDS no longer names it; the admin's stay.
+    lab.remove_address(eth1, added, on_instance=False)
+    lab.remove_address(eth1, listed_and_by_hand, on_instance=False)
+    applied(lab, "--flush")
+    addresses = lab.run(lab.instance, "ip", "-o", "-4", "addr", "show", "dev", "eth1").stdout
+    assert added not in addresses
+    assert " %s/24 " % listed_and_by_hand in addresses and " %s/32 " % by_hand_only in addresses
+    assert_same(before, lab.snapshot(), "the instance after flush")
+
+
 # -- other shapes of instance -----------------------------------------------------------------
 
 def test_three_enis_with_predictable_names(make_lab):
