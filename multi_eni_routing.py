@@ -635,56 +635,71 @@ def select_enis(system, imds, include=(), exclude=(), add_from_imds=True, owned_
     """The ENIs to route, primary first, each with its addresses, subnets and gateways.
     `owned_addresses` are those the tool added earlier (from its state record)."""
     links = {link.name: link for link in system.links}
-    by_mac = {link.mac: link for link in system.links if link.mac}
     known = managed_tables(system)
-    chosen = []  # (link, device_number, network_card, imds_eni)
     if include:
-        for position, name in enumerate(include):
-            link = links[name]
-            meta = imds.enis.get(link.mac) if imds else None
-            chosen.append((link, meta.device_number if meta else position,
-                           meta.network_card if meta else 0, meta))
+        candidates = [(links[name], imds and imds.enis.get(links[name].mac)) for name in unique(include)]
     elif imds:
-        for mac, meta in sorted(imds.enis.items(), key=lambda kv: (kv[0] != imds.primary_mac,
-                                                                    kv[1].network_card, kv[1].device_number)):
-            if mac in by_mac:
-                chosen.append((by_mac[mac], meta.device_number, meta.network_card, meta))
-            else:
-                log.info("ENI %s (%s) has no interface here yet", meta.interface_id or mac, mac)
+        candidates = imds_candidates(system.links, imds)
     else:
-        chosen = fallback_nics(system, known)
-    # An ENI routed before but missing from this answer keeps its table.
-    names = {link.name for link, _, _, _ in chosen}
-    if not include:
-        for name, table in sorted(known.items()):
+        candidates = [(link, None) for link in fallback_nics(system)]
+    if not include:  # an ENI routed before but missing from this answer stays
+        names = {link.name for link, _ in candidates}
+        for name in sorted(known):
             if name in links and name not in names:
                 log.warning("%s is routed but missing from the current answer: kept as it is", name)
-                chosen.append((links[name], (table - TABLE_BASE) % 100, (table - TABLE_BASE) // 100, None))
-    chosen = [c for c in chosen if c[0].name not in exclude]
+                candidates.append((links[name], None))
+    candidates = [(link, meta) for link, meta in candidates if link.name not in exclude]
     owned = {(a.dev, a.cidr.split("/")[0]) for a in owned_addresses}
-    return [build_eni(link, dev, card, meta, system.main_routes, add_from_imds, owned)
-            for link, dev, card, meta in chosen]
+    return [build_eni(link, device, card, meta, system.main_routes, add_from_imds, owned)
+            for (link, meta), (card, device) in zip(candidates, numbers_of(candidates, known))]
 
 
-def fallback_nics(system, known):
+def imds_candidates(links, imds):
+    """(link, IMDS data) of the ENIs IMDS lists that have an interface here."""
+    by_mac = {link.mac: link for link in links if link.mac}
+    candidates = []
+    for mac, meta in sorted(imds.enis.items(), key=lambda item: (
+            item[0] != imds.primary_mac, item[1].network_card, item[1].device_number)):
+        if mac in by_mac:
+            candidates.append((by_mac[mac], meta))
+        else:
+            log.info("ENI %s (%s) has no interface here yet", meta.interface_id or mac, mac)
+    return candidates
+
+
+def fallback_nics(system):
     """Without IMDS: the NICs, the one with main's default route first."""
     nics = [link for link in system.links if looks_like_nic(link, system.sysfs)]
     default_devs = [r.dev for r in system.main_routes if r.family == 4 and r.dst == "default"]
-    nics.sort(key=lambda link: (link.name not in default_devs[:1], link.index))
-    used = {(t - TABLE_BASE) % 100 for t in known.values()}
-    chosen, next_free = [], 0
-    for position, link in enumerate(nics):
-        if link.name in known:
-            number = (known[link.name] - TABLE_BASE) % 100
-        elif position == 0:
-            number = 0
+    return sorted(nics, key=lambda link: (link.name not in default_devs[:1], link.index))
+
+
+def numbers_of(candidates, known):
+    """(network card, device number) of each candidate, all different. IMDS's
+    numbers are the ENI's own; without them an interface keeps the table it is
+    routed with, and a new one takes the lowest free number (0 for the primary)."""
+    taken = {(meta.network_card, meta.device_number) for _, meta in candidates if meta}
+    numbers = []
+    for position, (link, meta) in enumerate(candidates):
+        if meta:
+            number = (meta.network_card, meta.device_number)
         else:
-            while next_free in used or next_free == 0:
-                next_free += 1
-            number = next_free
-            used.add(number)
-        chosen.append((link, number, 0, None))
-    return chosen
+            number = divmod(known[link.name] - TABLE_BASE, 100) if link.name in known else None
+            if number is None or number in taken:
+                number = lowest_free_number(taken, primary=(position == 0))
+            taken.add(number)
+        numbers.append(number)
+    if len(set(numbers)) < len(numbers):
+        raise ToolError("two ENIs have the same network card and device number in IMDS: %s"
+                        % ", ".join(link.name for link, _ in candidates))
+    return numbers
+
+
+def lowest_free_number(taken, primary):
+    """Device 0 is the primary's; others take the lowest free one on card 0."""
+    if primary and (0, 0) not in taken:
+        return (0, 0)
+    return next((0, device) for device in range(1, 100) if (0, device) not in taken)
 
 
 def build_eni(link, device_number, network_card, meta, main_routes, add_from_imds, owned=frozenset()):

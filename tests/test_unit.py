@@ -299,3 +299,28 @@ def test_interface_gone_is_a_usage_error_for_apply_but_not_for_flush_or_status(m
         args = mer.parse_args(action + ["-i", "eth0", "-i", "eth9"])
         mer.check_interfaces(args, system)
         assert args.interface == ["eth0"]
+
+
+def test_enis_never_share_a_table():
+    """eth1 is device 1 in IMDS; eth0 and a NIC IMDS does not know must not take 1."""
+    system = recorded.system("xen-eth0-eth1")
+    imds = recorded.imds("xen-eth0-eth1")
+    eth0_mac = imds.primary_mac
+    imds = imds._replace(enis={mac: meta for mac, meta in imds.enis.items() if mac != eth0_mac})
+    enis = mer.select_enis(system, imds, include=["eth0", "eth1"])  # eth0 unknown to IMDS: position 0
+    assert [(e.name, mer.table_of(e)) for e in enis] == [("eth0", 22000), ("eth1", 22001)]
+    enis = mer.select_enis(system, imds, include=["eth1", "eth0"])  # eth0 at position 1, taken by eth1
+    assert [(e.name, mer.table_of(e)) for e in enis] == [("eth1", 22001), ("eth0", 22002)]
+
+
+def test_imds_giving_two_enis_one_device_number_is_refused():
+    system = recorded.system("xen-eth0-eth1")
+    imds = recorded.imds("xen-eth0-eth1")
+    imds = imds._replace(enis={mac: meta._replace(device_number=0) for mac, meta in imds.enis.items()})
+    with pytest.raises(mer.ToolError, match="same network card and device number"):
+        mer.select_enis(system, imds)
+
+
+def test_duplicate_interface_options_count_once():
+    system = recorded.system("xen-eth0-eth1")
+    assert [e.name for e in mer.select_enis(system, None, include=["eth0", "eth1", "eth0"])] == ["eth0", "eth1"]
