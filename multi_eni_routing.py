@@ -212,7 +212,7 @@ Mangle = collections.namedtuple("Mangle", "jumps chains")  # chains: ((name, (sp
 Address = collections.namedtuple("Address", "dev cidr")
 OwnedState = collections.namedtuple("OwnedState", "rules routes mangle4 mangle6 sysctls addresses")
 # Everything discovery read from the system.
-System = collections.namedtuple("System", "links main_routes rules routes mangle4 mangle6 sysfs netns")
+System = collections.namedtuple("System", "links main_routes rules routes mangle4 mangle6 sysfs netns ipv6")
 # The changes to make, one list per tool, plus sysctl writes (key, new, old).
 Changes = collections.namedtuple("Changes", "ip4 ip6 iptables4 iptables6 sysctls")
 
@@ -246,11 +246,25 @@ READ_COMMANDS = (
 ALL_SOURCES = frozenset(name for name, _ in READ_COMMANDS)
 
 
+IPV6_SOURCES = frozenset(("rule6", "route6", "mangle6"))
+
+
+def ipv6_enabled():
+    """False on a kernel booted with ipv6.disable=1, where IPv6 reads fail."""
+    return os.path.exists("/proc/net/if_inet6")
+
+
 def read_outputs(programs, names=ALL_SOURCES):
-    """Run the READ_COMMANDS named, all at once; their outputs by name."""
+    """Run the READ_COMMANDS named, all at once; their outputs by name.
+    Without IPv6 in the kernel, its sources read as empty."""
+    outputs = {}
+    if not ipv6_enabled():
+        outputs = {name: "" for name in names & IPV6_SOURCES}
+        names = names - IPV6_SOURCES
     chosen = [(name, argv) for name, argv in READ_COMMANDS if name in names]
     commands = [[programs[argv[0]]] + list(argv[1:]) for _, argv in chosen]
-    return dict(zip((name for name, _ in chosen), run_all(commands)))
+    outputs.update(zip((name for name, _ in chosen), run_all(commands)))
+    return outputs
 
 
 def sources_touched(changes):
@@ -269,7 +283,7 @@ def sources_touched(changes):
     return names
 
 
-def parse_system(outputs, sysfs, netns=None):
+def parse_system(outputs, sysfs, netns=None, ipv6=True):
     """A System from the outputs of READ_COMMANDS (pure: testable from recordings)."""
     rules = (parse_rules(load_json(outputs["rule4"], "ip -4 rule"), 4)
              + parse_rules(load_json(outputs["rule6"], "ip -6 rule"), 6))
@@ -281,7 +295,7 @@ def parse_system(outputs, sysfs, netns=None):
         rules=rules,
         routes=[route for route in routes if isinstance(route, Route)],
         mangle4=parse_mangle(outputs["mangle4"]), mangle6=parse_mangle(outputs["mangle6"]),
-        sysfs=sysfs, netns=netns)
+        sysfs=sysfs, netns=netns, ipv6=ipv6)
 
 
 def load_json(text, what):
@@ -650,7 +664,7 @@ def select_enis(system, imds, include=(), exclude=(), add_from_imds=True, owned_
                 candidates.append((links[name], None))
     candidates = [(link, meta) for link, meta in candidates if link.name not in exclude]
     owned = {(a.dev, a.cidr.split("/")[0]) for a in owned_addresses}
-    return [build_eni(link, device, card, meta, system.main_routes, add_from_imds, owned)
+    return [build_eni(link, device, card, meta, system.main_routes, add_from_imds, owned, system.ipv6)
             for (link, meta), (card, device) in zip(candidates, numbers_of(candidates, known))]
 
 
@@ -702,14 +716,15 @@ def lowest_free_number(taken, primary):
     return next((0, device) for device in range(1, 100) if (0, device) not in taken)
 
 
-def build_eni(link, device_number, network_card, meta, main_routes, add_from_imds, owned=frozenset()):
+def build_eni(link, device_number, network_card, meta, main_routes, add_from_imds, owned=frozenset(),
+              kernel_ipv6=True):
     """Combine what the interface has, what main says and what IMDS says.
     With a full IMDS answer, an address the tool added that IMDS no longer lists
     is neither kept nor routed; one the admin configured always stays."""
     # IMDS lists the ENI's primary IPv4 first; DHCP configures that one, so an
     # interface whose DHCP has not finished yet is left to it, not given a /32.
     ipv4, added4 = addresses_of(link.name, link.ipv4, meta and meta.ipv4s[1:], add_from_imds, owned)
-    ipv6, added6 = addresses_of(link.name, link.ipv6, meta and meta.ipv6s, add_from_imds, owned)
+    ipv6, added6 = addresses_of(link.name, link.ipv6, meta and meta.ipv6s, add_from_imds and kernel_ipv6, owned)
     connected = [r for r in main_routes if r.dev == link.name and r.gateway is None
                  and r.dst != "default" and not is_host_route(r.dst)]
     subnets4 = (meta.subnets4 if meta and meta.subnets4 else
@@ -1102,7 +1117,7 @@ class Run:
         """Read the system (again, only `sources`) and the state record;
         return (system, owned state)."""
         self.outputs.update(read_outputs(self.programs, sources))
-        system = parse_system(self.outputs, read_sysfs(), netns_id())
+        system = parse_system(self.outputs, read_sysfs(), netns_id(), ipv6_enabled())
         self.record = load_record(self.state_file)
         return system, owned_state(system, self.record)
 

@@ -324,3 +324,21 @@ def test_imds_giving_two_enis_one_device_number_is_refused():
 def test_duplicate_interface_options_count_once():
     system = recorded.system("xen-eth0-eth1")
     assert [e.name for e in mer.select_enis(system, None, include=["eth0", "eth1", "eth0"])] == ["eth0", "eth1"]
+
+
+def test_kernel_without_ipv6_is_given_no_ipv6_addresses():
+    system = recorded.system("nitro-ens5-ens6-ens7")._replace(ipv6=False)
+    imds = recorded.imds("nitro-ens5-ens6-ens7")
+    imds = imds._replace(enis={mac: meta._replace(ipv6s=meta.ipv6s + ("2001:db8:b::99",))
+                               for mac, meta in imds.enis.items()})
+    assert all(e.added_ipv6 == () for e in mer.select_enis(system, imds))
+    assert any(e.added_ipv6 for e in mer.select_enis(system._replace(ipv6=True), imds))
+
+
+def test_ipv6_sources_read_as_empty_when_the_kernel_has_no_ipv6(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mer, "ipv6_enabled", lambda: False)
+    monkeypatch.setattr(mer, "run_all", lambda commands: calls.extend(commands) or ["[]"] * len(commands))
+    outputs = mer.read_outputs({name: name for name in ("ip", "iptables-save", "ip6tables-save")})
+    assert outputs["rule6"] == outputs["route6"] == outputs["mangle6"] == ""
+    assert not any("-6" in c or "ip6tables-save" in c for c in calls)
