@@ -663,6 +663,9 @@ def select_enis(system, imds, include=(), exclude=(), add_from_imds=True, owned_
                 log.warning("%s is routed but missing from the current answer: kept as it is", name)
                 candidates.append((links[name], None))
     candidates = [(link, meta) for link, meta in candidates if link.name not in exclude]
+    for link in [link for link, _ in candidates if not link.up]:
+        log.info("%s is down: routed once it is up (the hotplug and network hooks re-run)", link.name)
+    candidates = [(link, meta) for link, meta in candidates if link.up]
     owned = {(a.dev, a.cidr.split("/")[0]) for a in owned_addresses}
     return [build_eni(link, device, card, meta, system.main_routes, add_from_imds, owned, system.ipv6)
             for (link, meta), (card, device) in zip(candidates, numbers_of(candidates, known))]

@@ -342,3 +342,8 @@ def test_ipv6_sources_read_as_empty_when_the_kernel_has_no_ipv6(monkeypatch):
     outputs = mer.read_outputs({name: name for name in ("ip", "iptables-save", "ip6tables-save")})
     assert outputs["rule6"] == outputs["route6"] == outputs["mangle6"] == ""
     assert not any("-6" in c or "ip6tables-save" in c for c in calls)
+
+
+def test_a_link_that_is_down_is_not_routed_until_it_is_up():
+    """The kernel refuses routes through a down link: one such ENI must not fail the batch."""
+    assert [e.name for e in enis_of("no-address")] == ["eth0", "eth1"]  # eth2 is down

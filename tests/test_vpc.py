@@ -483,3 +483,17 @@ def test_three_enis_with_predictable_names(make_lab):
     assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
     tables = lab.run(lab.instance, "ip", "rule").stdout
     assert all("lookup %d" % (22000 + eni.device_number) in tables for eni in lab.enis)
+
+
+def test_an_eni_that_is_down_does_not_stop_the_others_and_is_routed_once_up(make_lab):
+    lab = make_lab(enis=3)
+    eth1, eth2 = lab.enis[1], lab.enis[2]
+    lab.ip(lab.instance, "link set %s down" % eth2.name)
+    applied(lab)
+    assert lab.reachability(eth1.addresses4) == {a: BOTH for a in eth1.addresses4}
+    assert "22002" not in lab.run(lab.instance, "ip", "rule").stdout
+
+    lab.ip(lab.instance, "link set %s up" % eth2.name)
+    assert lab.reachability(eth2.addresses4) == {a: NEITHER for a in eth2.addresses4}
+    applied(lab)
+    assert lab.reachability(eth2.addresses4) == {a: BOTH for a in eth2.addresses4}
