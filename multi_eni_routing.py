@@ -1184,7 +1184,9 @@ def take_lock(state_dir, timeout=LOCK_TIMEOUT):
 
 def status_report(enis, owned, changes):
     """Per ENI: its table, addresses (with origin), gateways and owned rules."""
-    report = {"applied": bool(owned.rules or owned.routes or owned.addresses),
+    anything = (owned.rules, owned.routes, owned.addresses, owned.sysctls,
+                owned.mangle4 != NO_MANGLE, owned.mangle6 != NO_MANGLE)
+    report = {"applied": any(anything),
               "in_sync": is_empty(changes), "pending": render(changes), "enis": []}
     for eni in enis:
         table = table_of(eni)

@@ -347,3 +347,10 @@ def test_ipv6_sources_read_as_empty_when_the_kernel_has_no_ipv6(monkeypatch):
 def test_a_link_that_is_down_is_not_routed_until_it_is_up():
     """The kernel refuses routes through a down link: one such ENI must not fail the batch."""
     assert [e.name for e in enis_of("no-address")] == ["eth0", "eth1"]  # eth2 is down
+
+
+def test_leftover_chains_alone_count_as_applied_for_status():
+    _, _, owned = applied()
+    chains_only = EMPTY._replace(mangle4=owned.mangle4)
+    nothing = mer.Changes([], [], [], [], [])
+    assert mer.status_report([], chains_only, nothing)["applied"] is True
