@@ -12,4 +12,5 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086 # word splitting of the package list is wanted
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
+python3 -c 'import pytest, pytest_cov, coverage; assert coverage.version_info >= (7, 10)' 2>/dev/null ||
+    python3 -m pip install -q --upgrade pytest pytest-cov 'coverage>=7.10'
