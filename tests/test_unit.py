@@ -354,3 +354,34 @@ def test_leftover_chains_alone_count_as_applied_for_status():
     chains_only = EMPTY._replace(mangle4=owned.mangle4)
     nothing = mer.Changes([], [], [], [], [])
     assert mer.status_report([], chains_only, nothing)["applied"] is True
+
+
+# -- Exit codes and errors at the boundary. ------------------------------------------
+
+def test_not_root_exits_4_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(mer.os, "geteuid", lambda: 1000)
+    assert mer.main([]) == mer.EXIT_NOT_ROOT
+    assert capsys.readouterr().err == "multi-eni-routing: error: must run as root\n"
+
+
+def test_missing_program_exits_5_naming_its_package(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(mer.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(mer, "which", lambda name: None if name == "ip" else "/bin/" + name)
+    assert mer.main(["--dry-run"]) == mer.EXIT_MISSING_PROGRAM
+    assert capsys.readouterr().err == (
+        "multi-eni-routing: error: ip not found: install iproute2 (Debian, Ubuntu) "
+        "or iproute (Amazon Linux, RHEL)\n")
+
+
+def test_a_failing_program_is_one_error_with_command_code_and_stderr():
+    with pytest.raises(mer.CommandError) as error:
+        mer.run(["sh", "-c", "echo 'RTNETLINK answers: File exists' >&2; exit 2"])
+    assert (error.value.returncode, error.value.stderr) == (2, "RTNETLINK answers: File exists\n")
+    assert str(error.value).endswith("exited 2: RTNETLINK answers: File exists")
+    assert error.value.exit_code == mer.EXIT_FAILURE
+
+
+def test_programs_run_without_a_shell_and_in_the_c_locale():
+    assert mer.run(["sh", "-c", "echo $LC_ALL"]) == "C\n"
+    assert mer.run(["echo", "a;b", "$HOME"]) == "a;b $HOME\n"
+    assert mer.run_all([["echo", "one"], ["echo", "two"]]) == ["one\n", "two\n"]
