@@ -751,6 +751,37 @@ class Lab:
             prefix = eni.subnet6.prefixlen if v6 else eni.subnet4.prefixlen
             self.ip(self.instance, "addr del %s/%d dev %s" % (address, prefix, eni.name))
 
+    def delegate_prefix(self, eni, prefix):
+        """Delegate PREFIX (an ipv4-prefix /28 or ipv6-prefix /80) to ENI in the
+        VPC: the router routes it to the ENI and accepts it as a source."""
+        v6 = ":" in prefix
+        (eni.prefixes6 if v6 else eni.prefixes4).append(prefix)
+        # Via the ENI's own address: the VPC hands the prefix to the ENI, it does
+        # not ask (ARP, ND) for each of its addresses.
+        self.ip(self.router, "%sroute replace %s via %s dev %s" % (
+            "-6 " if v6 else "", prefix, (eni.addresses6 if v6 else eni.addresses4)[0], eni.port))
+        self._apply_source_checks()
+        self.imds.write()
+
+    def add_pod(self, address4, address6=None):
+        """A pod as a CNI wires one: its own namespace on a veth to the instance,
+        which routes ADDRESS (from a delegated prefix) to it and forwards."""
+        pod = self._ns("pod")
+        self._add_namespace(pod)
+        self.sysctl(self.instance, **{"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1})
+        self.ip(self.instance, "link add name vethpod type veth peer name eth0 netns " + pod,
+                "link set vethpod up", "addr add 169.254.1.1/32 dev vethpod",
+                "route add %s dev vethpod" % address4)
+        self.ip(pod, "link set eth0 up", "addr add %s/32 dev eth0" % address4,
+                "route add 169.254.1.1 dev eth0", "route add default via 169.254.1.1")
+        if address6:
+            self.ip(self.instance, "-6 addr add fe80::1:1/64 dev vethpod nodad",
+                    "-6 route add %s dev vethpod" % address6)
+            self.ip(pod, "-6 addr add %s/128 dev eth0 nodad" % address6,
+                    "-6 route add default via fe80::1:1 dev eth0")
+        self.serve(pod, ECHO_PORT)
+        return pod
+
     def attach_eni(self, addresses=1):
         """Hot-plug one more ENI (next device number, in subnet A)."""
         index = max(e.device_number for e in self.enis) + 1

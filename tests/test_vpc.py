@@ -497,3 +497,24 @@ def test_an_eni_that_is_down_does_not_stop_the_others_and_is_routed_once_up(make
     assert lab.reachability(eth2.addresses4) == {a: NEITHER for a in eth2.addresses4}
     applied(lab)
     assert lab.reachability(eth2.addresses4) == {a: BOTH for a in eth2.addresses4}
+
+
+def test_pod_on_a_delegated_prefix_is_answered_through_its_eni(make_lab):
+    """A pod using an address of eth1's delegated /28 and /80, routed by the
+    instance like a CNI does: its replies must leave through eth1."""
+    lab = make_lab(enis=2)
+    eth1 = lab.enis[1]
+    lab.delegate_prefix(eth1, "203.0.113.48/28")
+    lab.delegate_prefix(eth1, "2001:db8:b:0:1234::/80")
+    pod4, pod6 = "203.0.113.49", "2001:db8:b:0:1234::5"
+    lab.add_pod(pod4, pod6)
+    drops = lab.dropped(lab.enis[0])
+    assert lab.reachability([pod4, pod6]) == {pod4: NEITHER, pod6: NEITHER}
+    assert lab.dropped(lab.enis[0]) > drops  # the replies left through eth0: the VPC dropped them
+
+    applied(lab)
+    assert lab.reachability([pod4, pod6]) == {pod4: BOTH, pod6: BOTH}
+    rules = lab.run(lab.instance, "ip", "rule").stdout + lab.run(lab.instance, "ip", "-6", "rule").stdout
+    assert "from 203.0.113.48/28 lookup 22001" in rules and "from 2001:db8:b:0:1234::/80 lookup 22001" in rules
+    addresses = lab.run(lab.instance, "ip", "-o", "addr").stdout
+    assert pod4 not in addresses and "2001:db8:b:0:1234" not in addresses  # the host does not take them
