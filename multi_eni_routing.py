@@ -418,6 +418,12 @@ def read_sysctls(keys):
     return values
 
 
+def kernel_version():
+    """(major, minor) of the running kernel, (0, 0) if unreadable."""
+    match = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 def netns_id():
     """The network namespace's inode: keeps state of lab namespaces apart."""
     try:
@@ -1352,6 +1358,11 @@ def main(argv=None):
 def execute(args, started):
     if os.geteuid() != 0:
         raise ToolError("must run as root", EXIT_NOT_ROOT)
+    if kernel_version() < (4, 17):
+        # Older kernels drop a rule's protocol: the tool could not recognise its
+        # own rules, so it could neither keep them in sync nor remove them.
+        raise ToolError("Linux %s is too old: ip rules carry their protocol from 4.17 on"
+                        % os.uname().release)
     programs = find_programs(["ip", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"])
     read_only = args.dry_run or args.status
     lock = None if read_only else take_lock(args.state_dir)

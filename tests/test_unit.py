@@ -385,3 +385,11 @@ def test_programs_run_without_a_shell_and_in_the_c_locale():
     assert mer.run(["sh", "-c", "echo $LC_ALL"]) == "C\n"
     assert mer.run(["echo", "a;b", "$HOME"]) == "a;b $HOME\n"
     assert mer.run_all([["echo", "one"], ["echo", "two"]]) == ["one\n", "two\n"]
+
+
+def test_a_kernel_without_rule_protocols_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(mer.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(mer.os, "uname", lambda: mer.os.uname_result(("Linux", "h", "4.14.336-1.x86_64", "", "")))
+    assert mer.kernel_version() == (4, 14)
+    assert mer.main([]) == mer.EXIT_FAILURE
+    assert "Linux 4.14.336-1.x86_64 is too old" in capsys.readouterr().err
