@@ -217,6 +217,7 @@ System = collections.namedtuple("System", "links main_routes rules routes mangle
 Changes = collections.namedtuple("Changes", "ip4 ip6 iptables4 iptables6 sysctls")
 
 NO_MANGLE = Mangle((), ())
+NOTHING = OwnedState(frozenset(), frozenset(), NO_MANGLE, NO_MANGLE, {}, frozenset())  # flushed
 
 
 def slot_of(eni):
@@ -1368,17 +1369,17 @@ def execute(args, started):
     lock = None if read_only else take_lock(args.state_dir)
     try:
         fail_after = int(os.environ.get("MULTI_ENI_ROUTING_FAIL_AFTER") or 0)
-        state = Run(programs, state_path(args.state_dir, netns_id()), fail_after)
-        system, owned = state.read()
+        this_run = Run(programs, state_path(args.state_dir, netns_id()), fail_after)
+        system, owned = this_run.read()
         check_interfaces(args, system)
         enis, desired = desired_state(args, system, owned)
         if args.status:
-            return show_status(args, enis, owned, state.changes(desired, owned))
+            return show_status(args, enis, owned, this_run.changes(desired, owned))
         if args.dry_run:
-            changes = state.changes(desired, owned)
+            changes = this_run.changes(desired, owned)
             print("\n".join(render(changes)) if not is_empty(changes) else "in sync: nothing to do")
             return EXIT_OK
-        changes = state.converge(desired, owned)
+        changes = this_run.converge(desired, owned)
         summarize(args, enis, desired, changes, started)
         return EXIT_OK
     finally:
@@ -1389,7 +1390,7 @@ def execute(args, started):
 def desired_state(args, system, owned):
     """(ENIs, owned state to converge to): empty for a flush."""
     if args.flush:
-        return [], OwnedState(frozenset(), frozenset(), NO_MANGLE, NO_MANGLE, {}, frozenset())
+        return [], NOTHING
     imds = discover_imds(args)
     enis = select_enis(system, imds, args.interface, args.exclude,
                        add_from_imds=not args.no_imds_addresses, owned_addresses=owned.addresses)
@@ -1419,10 +1420,13 @@ def summarize(args, enis, desired, changes, started):
         return
     if args.flush:
         print("flushed: %d change(s) in %.0f ms" % (count, elapsed) if count else "flushed: nothing was applied")
-    elif is_empty(changes):
-        print("in sync: nothing to do (%d ENI(s), %d rule(s))" % (len(enis), len(desired.rules)))
+    elif not enis:
+        print("nothing to do: no ENI found (not on EC2? name them with -i)")
     elif len(enis) < 2 and not desired.rules:
-        print("applied: %d change(s); one ENI needs no policy routing" % count)
+        print("%s; one ENI needs no policy routing"
+              % ("applied: %d change(s)" % count if count else "nothing to do"))
+    elif is_empty(changes):
+        print("in sync: nothing to do (%d ENIs, %d rules)" % (len(enis), len(desired.rules)))
     else:
         print("applied: %d ENI(s) [%s], %d rule(s), %d route(s): %d change(s) in %.0f ms" % (
             len(enis), ", ".join(e.name for e in enis), len(desired.rules), len(desired.routes),

@@ -67,6 +67,6 @@ def plan_commands(name, use_imds=True, **options):
     """The commands a first apply would run on the recorded instance."""
     sys_ = system(name)
     enis = mer.select_enis(sys_, imds(name) if use_imds else None, **options)
-    empty = mer.OwnedState(frozenset(), frozenset(), mer.NO_MANGLE, mer.NO_MANGLE, {}, frozenset())
+    empty = mer.NOTHING
     sysctl_values = {"net/ipv4/conf/%s/rp_filter" % e.name: "1" for e in enis}
     return mer.render(mer.diff(mer.plan(enis), empty, sysctl_values, {}))

@@ -9,7 +9,7 @@ import recorded
 from recorded import mer
 
 GOLDEN = os.path.join(recorded.HERE, "golden")
-EMPTY = mer.OwnedState(frozenset(), frozenset(), mer.NO_MANGLE, mer.NO_MANGLE, {}, frozenset())
+EMPTY = mer.NOTHING
 
 
 def enis_of(name, use_imds=True, **options):
