@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lab import CLIENT4, IMDS4, Lab, lab_usable
+from lab import CLIENT4, IMDS4, Lab
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="builds network namespaces, veths and iptables rules: run as root")

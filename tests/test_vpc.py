@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from lab import (CLIENT4, CLIENT6, CONTAINER4, DNAT_PORT, ECHO_PORT, PEER4, VPN_HOST,
+from lab import (CLIENT4, CLIENT6, CONTAINER4, DNAT_PORT, PEER4, VPN_HOST,
                  Reach, snapshot_diff, tcp_answer)
 
 pytestmark = pytest.mark.skipif(
