@@ -930,8 +930,12 @@ def route_order(route):
 
 
 def route_additions(desired, current, family):
+    """`replace` for a route the tool owns already (a new gateway, say); `add` for
+    a new one, so that a foreign route in the same table fails loudly instead of
+    being overwritten."""
+    owned_keys = {(r.table, r.dst) for r in current}
     wanted = sorted((r for r in desired - current if r.family == family), key=route_order)
-    return [route_command("replace", r) for r in wanted]
+    return [route_command("replace" if (r.table, r.dst) in owned_keys else "add", r) for r in wanted]
 
 
 def route_removals(desired, current, family):

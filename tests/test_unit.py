@@ -244,7 +244,7 @@ def test_changes_add_before_they_point_and_remove_the_other_way():
     current = EMPTY._replace(routes=frozenset([old]), rules=frozenset([gone]))
     assert mer.diff(desired, current, {}, {}).ip4 == [
         "address add 203.0.113.12/32 dev eth1",
-        "route replace 203.0.113.0/24 dev eth1 table 22001 proto 231",
+        "route add 203.0.113.0/24 dev eth1 table 22001 proto 231",
         "route replace default via 203.0.113.254 dev eth1 table 22001 proto 231",
         "rule add priority 20301 from 203.0.113.10/32 table 22001 protocol 231",
         "rule del priority 20301 from 203.0.113.11/32 table 22001 protocol 231"]

@@ -518,3 +518,12 @@ def test_pod_on_a_delegated_prefix_is_answered_through_its_eni(make_lab):
     assert "from 203.0.113.48/28 lookup 22001" in rules and "from 2001:db8:b:0:1234::/80 lookup 22001" in rules
     addresses = lab.run(lab.instance, "ip", "-o", "addr").stdout
     assert pod4 not in addresses and "2001:db8:b:0:1234" not in addresses  # the host does not take them
+
+
+def test_a_foreign_route_in_the_tools_table_range_is_not_overwritten(make_lab):
+    lab = make_lab(enis=2)
+    lab.ip(lab.instance, "route add default via 203.0.113.254 dev eth1 table 22001 proto static")
+    before = lab.snapshot()
+    result = lab.run_tool()
+    assert result.rc == 1 and "File exists" in result.stderr and "rolled back" in result.stderr
+    assert_same(before, lab.snapshot(), "the instance after a refused apply")
