@@ -553,13 +553,13 @@ def describe_socket_error(exc):
     return str(exc) or exc.__class__.__name__
 
 
-def fetch_imds(client):
-    """The instance's ENIs from IMDS; raises ImdsError on any doubtful answer."""
+def fetch_imds(client, expected_macs=()):
+    """The instance's ENIs from IMDS; raises ImdsError on any doubtful answer.
+    `expected_macs`: NICs seen here, which IMDS should list."""
     client.connect()
     try:
         primary = parse_mac(client.get("mac", missing_ok=False))
-        listing = client.get("network/interfaces/macs/", missing_ok=False)
-        macs = [parse_mac(line.strip().rstrip("/")) for line in listing.split() if line.strip()]
+        macs = listed_macs(client, expected_macs)
         if primary not in macs:
             raise ImdsError("the primary MAC %s is not among the ENIs" % primary)
         enis = {}
@@ -568,6 +568,22 @@ def fetch_imds(client):
     finally:
         client.close()
     return Imds(primary, enis)
+
+
+def listed_macs(client, expected_macs):
+    """The MACs IMDS lists, asked again while a NIC of this instance is missing
+    from them (an ENI attached a moment ago), as long as time is left."""
+    delay = 0.1
+    while True:
+        listing = client.get("network/interfaces/macs/", missing_ok=False)
+        macs = [parse_mac(line.strip().rstrip("/")) for line in listing.split() if line.strip()]
+        missing = set(expected_macs) - set(macs)
+        if not missing or client.remaining() < delay:
+            if missing:
+                log.info("not listed by IMDS (yet): %s", ", ".join(sorted(missing)))
+            return macs
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
 
 
 def fetch_imds_eni(client, mac, is_primary):
@@ -1309,12 +1325,15 @@ def setup_logging(verbose, quiet):
     log.level = {-1: Log.ERROR, 0: Log.WARNING, 1: Log.INFO}.get(max(-1, min(verbose - quiet, 2)), Log.DEBUG)
 
 
-def discover_imds(args):
+def discover_imds(args, system):
     """IMDS's view, or None (and why) when it is not asked or does not answer."""
     if args.no_imds:
         return None
+    named = set(args.interface)
+    expected = {link.mac for link in system.links if link.name in named
+                or (not named and looks_like_nic(link, system.sysfs) and link.name not in args.exclude)}
     try:
-        return fetch_imds(ImdsClient(args.imds_timeout))
+        return fetch_imds(ImdsClient(args.imds_timeout), expected)
     except ImdsError as exc:
         log.warning("instance metadata not usable (%s): using the interfaces found here", exc)
         return None
@@ -1395,7 +1414,7 @@ def desired_state(args, system, owned):
     """(ENIs, owned state to converge to): empty for a flush."""
     if args.flush:
         return [], NOTHING
-    imds = discover_imds(args)
+    imds = discover_imds(args, system)
     enis = select_enis(system, imds, args.interface, args.exclude,
                        add_from_imds=not args.no_imds_addresses, owned_addresses=owned.addresses)
     desired = plan(enis, args.mark_mask)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 import imds_emulator
+import recorded
 from recorded import mer
 
 PRIMARY, SECONDARY = "02:00:00:00:00:01", "02:00:00:00:00:02"
@@ -128,5 +129,29 @@ def test_silent_endpoints_are_given_up_within_3_seconds():
 def test_unusable_imds_falls_back_with_a_warning(monkeypatch, capsys):
     monkeypatch.setattr(mer, "IMDS_ENDPOINTS", ("127.0.0.1",))
     monkeypatch.setattr(mer, "IMDS_PORT", 9)  # discard: refused at once
-    assert mer.discover_imds(mer.parse_args(["--imds-timeout", "0.5"])) is None
+    system = recorded.system("xen-eth0-eth1")
+    assert mer.discover_imds(mer.parse_args(["--imds-timeout", "0.5"]), system) is None
     assert "warning: instance metadata not usable" in capsys.readouterr().err
+
+
+def only_primary_listed():
+    meta = tree()
+    del meta["network"]["interfaces"]["macs"][SECONDARY]
+    return meta
+
+
+def test_an_eni_attached_a_moment_ago_is_waited_for_in_the_listing(imds):
+    client = imds(only_primary_listed())()
+    threading.Timer(0.4, lambda: imds(tree())).start()  # IMDS catches up
+    started = time.monotonic()
+    answer = mer.fetch_imds(client, expected_macs={PRIMARY, SECONDARY})
+    assert set(answer.enis) == {PRIMARY, SECONDARY}
+    assert 0.4 <= time.monotonic() - started < 2
+
+
+def test_a_nic_imds_never_lists_costs_at_most_the_deadline(imds):
+    answer, elapsed = fetch(imds(only_primary_listed())(timeout=1.0))
+    assert set(answer.enis) == {PRIMARY} and elapsed < 0.5  # nothing expected: no wait
+    started = time.monotonic()
+    answer = mer.fetch_imds(imds(only_primary_listed())(timeout=1.0), expected_macs={PRIMARY, SECONDARY})
+    assert set(answer.enis) == {PRIMARY} and time.monotonic() - started < 1.5
