@@ -762,14 +762,18 @@ def build_eni(link, device_number, network_card, meta, main_routes, add_from_imd
                        if r.family == 6 and not ipaddress.ip_network(r.dst).is_link_local
                        and not ipaddress.ip_network(r.dst).is_multicast)
                 or networks_of(link.ipv6, 128))
+    gateway6 = next((r.gateway for r in main_routes if r.family == 6 and r.dst == "default"
+                     and r.dev == link.name and r.gateway), None)
+    if ipv6 and not gateway6:
+        log.warning("%s has IPv6 addresses but no router learned from RAs (accept_ra?): "
+                    "its IPv6 replies beyond its subnet are not routed through it", link.name)
     return Eni(
         name=link.name, mac=link.mac, device_number=device_number, network_card=network_card,
         ipv4=ipv4, ipv6=ipv6,
         added_ipv4=added4, added_ipv6=added6,
         subnets4=tuple(subnets4), subnets6=tuple(subnets6),
         gateway4=gateway4_of(link.name, subnets4, main_routes),
-        gateway6=next((r.gateway for r in main_routes if r.family == 6 and r.dst == "default"
-                       and r.dev == link.name and r.gateway), None),
+        gateway6=gateway6,
         prefixes4=tuple(meta.prefixes4) if meta else (), prefixes6=tuple(meta.prefixes6) if meta else (),
         origin="imds" if meta else "local")
 

@@ -393,3 +393,13 @@ def test_a_kernel_without_rule_protocols_is_refused(monkeypatch, capsys):
     assert mer.kernel_version() == (4, 14)
     assert mer.main([]) == mer.EXIT_FAILURE
     assert "Linux 4.14.336-1.x86_64 is too old" in capsys.readouterr().err
+
+
+def test_ipv6_without_a_learned_router_is_said_not_guessed(capsys):
+    system = recorded.system("nitro-ens5-ens6-ens7")
+    no_ra = system._replace(main_routes=[r for r in system.main_routes
+                                         if not (r.family == 6 and r.dst == "default" and r.dev == "ens6")])
+    ens6 = mer.select_enis(no_ra, recorded.imds("nitro-ens5-ens6-ens7"))[1]
+    assert ens6.gateway6 is None
+    assert "ens6 has IPv6 addresses but no router learned from RAs" in capsys.readouterr().err
+    assert not any(r.dst == "default" and r.family == 6 and r.dev == "ens6" for r in mer.plan([ens6]).routes)
