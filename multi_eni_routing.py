@@ -73,8 +73,10 @@ IMDS_TOKEN_TTL = "60"
 STATE_DIR = "/run/multi-eni-routing"  # tmpfs: gone at reboot, like what it records
 LOCK_TIMEOUT = 60.0
 
-# Interfaces that are never ENIs when IMDS cannot say which are.
-VIRTUAL_NAME = re.compile(r"^(lo|docker|br-|veth|virbr|vnet|tun|tap|wg|cni|flannel|cali|vxlan|kube)")
+# Without IMDS, an ENI is a NIC driven by one of these (Nitro, Intel VF, Xen):
+# never lo, a bridge, veth, tunnel, WireGuard or VLAN, and nothing at all on a
+# machine that is not an EC2 instance.
+ENI_DRIVERS = ("ena", "ixgbevf", "vif")
 
 TABLE_NAMES = {"main": 254, "local": 255, "default": 253}
 TABLE_MAIN = 254
@@ -195,9 +197,8 @@ def find_programs(names):
 
 # -- Data model: plain tuples between the stages. ---------------------------------
 
-# A network interface as `ip -j addr` shows it, with its global addresses. `kind`
-# (veth, bridge...) is only known from `ip -d` output; sysfs decides what is a NIC.
-Link = collections.namedtuple("Link", "name index mac kind master up ipv4 ipv6")
+# A network interface as `ip -j addr` shows it, with its global addresses.
+Link = collections.namedtuple("Link", "name index mac master up ipv4 ipv6")
 LinkAddress = collections.namedtuple("LinkAddress", "ip prefixlen")  # strings as `ip` prints
 # A main-table route: what DHCP, RAs and the kernel left (gateways, connected subnets).
 MainRoute = collections.namedtuple("MainRoute", "family dst gateway dev protocol")
@@ -213,7 +214,7 @@ Mangle = collections.namedtuple("Mangle", "jumps chains")  # chains: ((name, (sp
 Address = collections.namedtuple("Address", "dev cidr")
 OwnedState = collections.namedtuple("OwnedState", "rules routes mangle4 mangle6 sysctls addresses")
 # Everything discovery read from the system.
-System = collections.namedtuple("System", "links main_routes rules routes mangle4 mangle6 sysfs netns ipv6")
+System = collections.namedtuple("System", "links main_routes rules routes mangle4 mangle6 sysfs ipv6")
 # The changes to make, one list per tool, plus sysctl writes (key, new, old).
 Changes = collections.namedtuple("Changes", "ip4 ip6 iptables4 iptables6 sysctls")
 
@@ -285,7 +286,7 @@ def sources_touched(changes):
     return names
 
 
-def parse_system(outputs, sysfs, netns=None, ipv6=True):
+def parse_system(outputs, sysfs, ipv6=True):
     """A System from the outputs of READ_COMMANDS (pure: testable from recordings)."""
     rules = (parse_rules(load_json(outputs["rule4"], "ip -4 rule"), 4)
              + parse_rules(load_json(outputs["rule6"], "ip -6 rule"), 6))
@@ -297,7 +298,7 @@ def parse_system(outputs, sysfs, netns=None, ipv6=True):
         rules=rules,
         routes=[route for route in routes if isinstance(route, Route)],
         mangle4=parse_mangle(outputs["mangle4"]), mangle6=parse_mangle(outputs["mangle6"]),
-        sysfs=sysfs, netns=netns, ipv6=ipv6)
+        sysfs=sysfs, ipv6=ipv6)
 
 
 def load_json(text, what):
@@ -319,7 +320,6 @@ def parse_links(data):
         links.append(Link(
             name=entry["ifname"], index=entry.get("ifindex", 0),
             mac=(entry.get("address") or "").lower(),
-            kind=(entry.get("linkinfo") or {}).get("info_kind"),
             master=entry.get("master"), up="UP" in entry.get("flags", []),
             ipv4=tuple(addrs["inet"]), ipv6=tuple(addrs["inet6"])))
     return links
@@ -654,11 +654,10 @@ def parse_values(text, family, what, parse):
 
 # -- Choosing the ENIs (pure). ----------------------------------------------------
 
-def looks_like_nic(link, sysfs):
-    """A physical (or paravirtual) NIC: has a device, is no bridge/veth/tunnel."""
-    has_device, _ = sysfs.get(link.name, (False, None))
-    return (has_device and link.kind is None and link.master is None
-            and bool(link.mac) and not VIRTUAL_NAME.match(link.name))
+def looks_like_eni(link, sysfs):
+    """A NIC with an ENI's driver, not enslaved to a bond or bridge."""
+    has_device, driver = sysfs.get(link.name, (False, None))
+    return has_device and driver in ENI_DRIVERS and link.master is None and bool(link.mac)
 
 
 def managed_tables(system):
@@ -709,8 +708,8 @@ def imds_candidates(links, imds):
 
 
 def fallback_nics(system):
-    """Without IMDS: the NICs, the one with main's default route first."""
-    nics = [link for link in system.links if looks_like_nic(link, system.sysfs)]
+    """Without IMDS: the NICs with an ENI driver, the one with main's default route first."""
+    nics = [link for link in system.links if looks_like_eni(link, system.sysfs)]
     default_devs = [r.dev for r in system.main_routes if r.family == 4 and r.dst == "default"]
     return sorted(nics, key=lambda link: (link.name not in default_devs[:1], link.index))
 
@@ -1174,7 +1173,7 @@ class Run:
         """Read the system (again, only `sources`) and the state record;
         return (system, owned state)."""
         self.outputs.update(read_outputs(self.programs, sources))
-        system = parse_system(self.outputs, read_sysfs(), netns_id(), ipv6_enabled())
+        system = parse_system(self.outputs, read_sysfs(), ipv6_enabled())
         self.record = load_record(self.state_file)
         return system, owned_state(system, self.record)
 
@@ -1306,7 +1305,8 @@ def parse_args(argv):
     parser.add_argument("-x", "--exclude", action="append", default=[], metavar="NAME",
                         help="never route this interface (repeatable)")
     parser.add_argument("--no-imds", action="store_true",
-                        help="never contact the instance metadata service; use the NICs found here")
+                        help="never contact the instance metadata service; route the NICs with an "
+                             "ENI driver (ena, ixgbevf, vif), or those named with -i")
     parser.add_argument("--no-imds-addresses", action="store_true",
                         help="route only the addresses configured on the interfaces; do not add "
                              "the secondary addresses IMDS lists")
@@ -1358,7 +1358,7 @@ def discover_imds(args, system):
         return None
     named = set(args.interface)
     expected = {link.mac for link in system.links if link.name in named
-                or (not named and looks_like_nic(link, system.sysfs) and link.name not in args.exclude)}
+                or (not named and looks_like_eni(link, system.sysfs) and link.name not in args.exclude)}
     try:
         return fetch_imds(ImdsClient(args.imds_timeout), expected)
     except ImdsError as exc:

@@ -31,13 +31,11 @@ def test_first_apply_matches_golden_plan(name):
 
 # -- Discovery parsing. --------------------------------------------------------------
 
-def test_links_carry_mac_kind_and_global_addresses_only():
+def test_links_carry_mac_and_global_addresses_only():
     links = {link.name: link for link in recorded.system("docker-host").links}
-    assert links["eth0"].mac == "02:00:00:00:00:01" and links["eth0"].kind is None
-    assert links["docker0"].kind == "bridge"
+    assert links["eth0"].mac == "02:00:00:00:00:01"
     assert links["eth0"].ipv4 == (("198.51.100.10", 24), ("198.51.100.99", 24))
-    assert not any(a.ip.is_link_local for link in links.values() for a in link.ipv6)
-    assert [link.kind for name, link in links.items() if name.startswith("veth")] == ["veth", "veth"]
+    assert not any(a.ip.startswith("fe80:") for link in links.values() for a in link.ipv6)
 
 
 def test_only_the_tools_own_rules_routes_and_chains_are_read_as_owned():
@@ -82,7 +80,7 @@ def test_imds_picks_enis_by_mac_with_stable_numbers():
         ("ens5", 0, 22000), ("ens6", 1, 22001), ("ens7", 2, 22002)]
 
 
-def test_without_imds_only_nics_are_enis_never_bridges_or_veths():
+def test_without_imds_only_nics_with_an_eni_driver_are_enis():
     enis = enis_of("docker-host", use_imds=False)
     assert [e.name for e in enis] == ["eth0", "eth1"]
     assert enis[0].origin == "local"
@@ -403,3 +401,9 @@ def test_ipv6_without_a_learned_router_is_said_not_guessed(capsys):
     assert ens6.gateway6 is None
     assert "ens6 has IPv6 addresses but no router learned from RAs" in capsys.readouterr().err
     assert not any(r.dst == "default" and r.family == 6 and r.dev == "ens6" for r in mer.plan([ens6]).routes)
+
+
+def test_without_imds_a_machine_that_is_not_ec2_has_no_eni():
+    system = recorded.system("xen-eth0-eth1")
+    virtio = system._replace(sysfs={name: (True, "virtio_net") for name in system.sysfs})
+    assert mer.select_enis(virtio, None) == []
