@@ -50,7 +50,6 @@ PRIO_FWMARK = 20000  # +slot: replies of connections that came in on the ENI
 PRIO_SUBNETS = 20100  # +slot: from ADDR to ENI subnets, before main's connected routes
 PRIO_MAIN = 20200  # main without its default: docker, VPN and admin routes win
 PRIO_SOURCE = 20300  # +slot: from ADDR, everything else (the ENI's default route)
-PRIO_LAST = 20399
 
 # Connmark bits: clear of Kubernetes (0x4000, 0x8000), the VPC CNI (0x80) and
 # Calico (0xffff0000). Mark of an ENI = (slot + 1) shifted into the mask.
@@ -95,7 +94,6 @@ PACKAGES = {
     "ip6tables-save": "iptables",
     "ip6tables-restore": "iptables",
 }
-
 
 
 class Log:
@@ -201,8 +199,9 @@ def find_programs(names):
 Link = collections.namedtuple("Link", "name index mac master up ipv4 ipv6")
 LinkAddress = collections.namedtuple("LinkAddress", "ip prefixlen")  # strings as `ip` prints
 # A main-table route: what DHCP, RAs and the kernel left (gateways, connected subnets).
-MainRoute = collections.namedtuple("MainRoute", "family dst gateway dev protocol")
-# An ENI as the plan sees it. `imds_ipv4/6` are None when IMDS did not say.
+MainRoute = collections.namedtuple("MainRoute", "family dst gateway dev")
+# An ENI as the plan sees it; `added_ipv4/6` are the addresses the tool adds or
+# keeps (from IMDS), `origin` says who named it an ENI: "imds" or "local".
 Eni = collections.namedtuple("Eni", [
     "name", "mac", "device_number", "network_card", "ipv4", "ipv6", "added_ipv4", "added_ipv6",
     "subnets4", "subnets6", "gateway4", "gateway6", "prefixes4", "prefixes6", "origin"])
@@ -244,11 +243,7 @@ READ_COMMANDS = (
     ("mangle4", ("iptables-save", "-t", "mangle")),
     ("mangle6", ("ip6tables-save", "-t", "mangle")),
 )
-
-
 ALL_SOURCES = frozenset(name for name, _ in READ_COMMANDS)
-
-
 IPV6_SOURCES = frozenset(("rule6", "route6", "mangle6"))
 
 
@@ -369,10 +364,10 @@ def parse_routes(data, family):
         if entry.get("type", "unicast") != "unicast" or "dev" not in entry:
             continue
         dst = entry["dst"] if entry["dst"] == "default" else host_cidr(*entry["dst"].split("/"))
-        protocol = str(entry.get("protocol", ""))
         if table == TABLE_MAIN:
-            routes.append(MainRoute(family, dst, entry.get("gateway"), entry["dev"], protocol))
-        elif protocol == str(RT_PROTO) and isinstance(table, int) and TABLE_BASE <= table <= TABLE_LAST:
+            routes.append(MainRoute(family, dst, entry.get("gateway"), entry["dev"]))
+        elif (str(entry.get("protocol")) == str(RT_PROTO)
+              and isinstance(table, int) and TABLE_BASE <= table <= TABLE_LAST):
             routes.append(Route(family, table, dst, entry.get("gateway"), entry["dev"]))
     return routes
 
@@ -520,9 +515,15 @@ class ImdsClient:
     def request_retried(self, method, path, headers, retried=RETRIED):
         """request(), again with backoff while the status is in `retried` and
         time is left; returns the last answer."""
-        delay = 0.05
+        delay, reconnected = 0.05, False
         while True:
-            status, body = self.request(method, path, headers)
+            try:
+                status, body = self.request(method, path, headers)
+            except (ConnectionResetError, BrokenPipeError):
+                if reconnected:  # once: IMDS may close a kept-alive connection
+                    raise
+                reconnected = True
+                continue
             if status not in retried or self.remaining() < delay:
                 return status, body
             time.sleep(delay)

@@ -1,6 +1,7 @@
 """The IMDS client against the lab's emulator on loopback (no root needed): every
 way IMDS misbehaves gives a clear ImdsError or a correct answer, in bounded time."""
 
+import errno
 import json
 import socket
 import threading
@@ -155,3 +156,24 @@ def test_a_nic_imds_never_lists_costs_at_most_the_deadline(imds):
     started = time.monotonic()
     answer = mer.fetch_imds(imds(only_primary_listed())(timeout=1.0), expected_macs={PRIMARY, SECONDARY})
     assert set(answer.enis) == {PRIMARY} and time.monotonic() - started < 1.5
+
+
+def test_a_kept_alive_connection_closed_by_imds_is_reopened_once(imds):
+    client = imds()()
+    client.connect()
+    client.conn.sock.close()  # as if IMDS had dropped the idle connection
+    client.conn.sock = None
+    assert client.get("mac") == PRIMARY
+    original = client.request
+    calls = []
+
+    def reset_twice(*args):
+        calls.append(args)
+        if len(calls) <= 2:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        return original(*args)
+
+    client.request = reset_twice
+    with pytest.raises(mer.ImdsError, match="connection reset"):
+        client.get("mac")
+    assert len(calls) == 2
