@@ -823,7 +823,7 @@ def plan(enis, mark_mask=DEFAULT_MARK_MASK):
     addresses = frozenset(Address(eni.name, host_cidr(a)) for eni in enis
                           for a in eni.added_ipv4 + eni.added_ipv6)
     if len(enis) < 2:  # one ENI: main already routes it; only add its addresses
-        return OwnedState(frozenset(), frozenset(), NO_MANGLE, NO_MANGLE, {}, addresses)
+        return NOTHING._replace(addresses=addresses)
     rules, routes, marked = set(), set(), {4: [], 6: []}
     for eni in enis:
         for family in (4, 6):
