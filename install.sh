@@ -113,6 +113,8 @@ multi_eni_routing.py $TOOL 0755 no
 libexec/$NAME-hotplug $HOTPLUG 0755 yes
 init.d/$NAME /etc/init.d/$NAME 0755 yes
 systemd/$NAME.service $UNITDIR/$NAME.service 0644 yes
+systemd/$NAME-refresh.service $UNITDIR/$NAME-refresh.service 0644 yes
+systemd/$NAME-refresh.timer $UNITDIR/$NAME-refresh.timer 0644 no
 systemd/networkd.conf.d/$NAME.conf /usr/lib/systemd/networkd.conf.d/$NAME.conf 0644 no
 udev/90-$NAME.rules $UDEVRULESDIR/90-$NAME.rules 0644 yes
 hooks/networkmanager-dispatcher /etc/NetworkManager/dispatcher.d/90-$NAME 0755 yes
@@ -252,10 +254,10 @@ systemd_running() {
 register() {
     if systemd_running; then
         systemctl daemon-reload || warn "systemctl daemon-reload failed"
-        if systemctl enable "$NAME.service" >/dev/null 2>&1; then
-            say "enabled $NAME.service (systemd)"
+        if systemctl enable "$NAME.service" "$NAME-refresh.timer" >/dev/null 2>&1; then
+            say "enabled $NAME.service and $NAME-refresh.timer (systemd)"
         else
-            warn "systemctl enable $NAME.service failed: enable it by hand"
+            warn "systemctl enable $NAME.service $NAME-refresh.timer failed: enable them by hand"
         fi
     elif command -v update-rc.d >/dev/null 2>&1; then
         if update-rc.d "$NAME" defaults >/dev/null; then
@@ -283,6 +285,7 @@ register() {
 start_now() {
     if systemd_running; then
         systemctl reload-or-restart "$NAME.service" || die "starting $NAME.service failed (see: journalctl -u $NAME.service)"
+        systemctl start "$NAME-refresh.timer" || warn "starting $NAME-refresh.timer failed"
     else
         "/etc/init.d/$NAME" start || die "/etc/init.d/$NAME start failed"
     fi
@@ -324,7 +327,7 @@ do_install() {
 # flush: remove the routing before the tool goes away.
 flush() {
     if systemd_running; then
-        systemctl stop "$NAME.service" 2>/dev/null || true
+        systemctl stop "$NAME-refresh.timer" "$NAME.service" 2>/dev/null || true
     fi
     if [ -x "/etc/init.d/$NAME" ]; then
         "/etc/init.d/$NAME" stop >/dev/null
@@ -348,7 +351,8 @@ do_uninstall() {
         [ "$(id -u)" = 0 ] || die "must run as root (or set DESTDIR)"
         flush
         if systemd_running && [ -e "$UNITDIR/$NAME.service" ]; then
-            systemctl disable "$NAME.service" >/dev/null 2>&1 || warn "systemctl disable $NAME.service failed"
+            systemctl disable "$NAME.service" "$NAME-refresh.timer" >/dev/null 2>&1 ||
+                warn "systemctl disable $NAME.service $NAME-refresh.timer failed"
         fi
         if command -v chkconfig >/dev/null 2>&1 && [ -e "/etc/init.d/$NAME" ]; then
             chkconfig --del "$NAME" >/dev/null 2>&1 || true

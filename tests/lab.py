@@ -734,7 +734,12 @@ class Lab:
         the instance's interface."""
         v6 = ":" in address
         (eni.addresses6 if v6 else eni.addresses4).append(address)
-        self.ip(self.router, "route replace %s dev %s" % (address, eni.port))
+        # The VPC knows which ENI owns an address: it does not ask (ARP, ND), so
+        # a probe sent before the instance took the address leaves no failed
+        # neighbour entry behind.
+        family = "-6 " if v6 else ""
+        self.ip(self.router, "%sroute replace %s dev %s" % (family, address, eni.port),
+                "%sneigh replace %s lladdr %s dev %s nud permanent" % (family, address, eni.mac, eni.port))
         self._apply_source_checks()
         self.imds.write()
         if on_instance:
@@ -744,7 +749,9 @@ class Lab:
     def remove_address(self, eni, address, on_instance=True):
         v6 = ":" in address
         (eni.addresses6 if v6 else eni.addresses4).remove(address)
-        self.ip(self.router, "route del %s dev %s" % (address, eni.port))
+        family = "-6 " if v6 else ""
+        self.ip(self.router, "%sneigh flush to %s dev %s nud all" % (family, address, eni.port),
+                "%sroute del %s dev %s" % (family, address, eni.port))
         self._apply_source_checks()
         self.imds.write()
         if on_instance:

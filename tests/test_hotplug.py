@@ -293,10 +293,12 @@ class InstalledInLab:
         env.update(extra)
         return env
 
-    def trigger(self, lab, iface, event, **extra):
-        """What udev runs; waits for the worker; the log so far."""
+    def trigger(self, lab, iface, event, source="udev", **extra):
+        """What udev (or the refresh timer, without IFACE) runs; waits for the
+        worker; the log so far."""
         trigger = self.root / "usr/libexec/multi-eni-routing-hotplug"
-        result = lab.run(lab.instance, "sh", str(trigger), "udev", iface, event,
+        event_args = [iface, event] if iface else []
+        result = lab.run(lab.instance, "sh", str(trigger), source, *event_args,
                          env=self.env(lab, **extra), check=False)
         assert result.returncode == 0, result.stderr
         if self.hotplug_dir.exists():
@@ -390,3 +392,17 @@ def test_routing_applied_by_hand_is_kept_up_to_date(make_lab, installed):
     assert "re-applied" in log, log
     assert lab.run_tool("--status").rc == 0
     assert lab.tcp_ok(lab.client, eni.addresses4[0])
+
+
+@pytest.mark.root
+def test_refresh_timer_routes_an_address_assigned_in_ec2_at_run_time(make_lab, installed):
+    """No link event tells of a secondary address assigned in EC2 while the
+    instance runs: the refresh timer's run of the trigger adds and routes it."""
+    lab = make_lab(enis=2, ipv6=False, configure_secondaries=False)
+    installed.initd(lab, "start")
+    eth1, new = lab.enis[1], "203.0.113.20"
+    lab.add_address(eth1, new, on_instance=False)  # assigned in the VPC: IMDS lists it
+    assert not lab.tcp_ok(lab.client, new)
+    log = installed.trigger(lab, None, None, source="timer")
+    assert "re-applied" in log, log
+    assert lab.tcp_ok(lab.client, new), log + lab.run(lab.instance, "ip", "-o", "-4", "addr").stdout

@@ -257,3 +257,24 @@ def test_udev_rule_syntax():
         assert any(op in ("==", "!=") for _, _, op, _ in pairs) or pairs[0][0] == "LABEL", \
             "line %d: a rule without a match applies to every event" % number
     assert gotos <= labels
+
+
+def test_systemd_analyze_verify_the_refresh_timer(tmp_path):
+    """The timer that re-applies now and then (addresses assigned in EC2 at run
+    time raise no link event) goes through the hotplug trigger."""
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    trigger = tmp_path / "multi-eni-routing-hotplug"
+    trigger.write_text("#!/bin/sh\nexit 0\n")
+    trigger.chmod(0o755)
+    units = []
+    for name in ("multi-eni-routing-refresh.service", "multi-eni-routing-refresh.timer"):
+        text = (REPO / "systemd" / name).read_text()
+        (tmp_path / name).write_text(text.replace("/usr/libexec/multi-eni-routing-hotplug", str(trigger)))
+        units.append(str(tmp_path / name))
+    assert "ExecStart=/usr/libexec/multi-eni-routing-hotplug timer" in (
+        REPO / "systemd" / "multi-eni-routing-refresh.service").read_text()
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
+                            capture_output=True, text=True, timeout=60)
+    ours = [line for line in (result.stdout + result.stderr).splitlines() if "multi-eni-routing" in line]
+    assert result.returncode == 0 and not ours, result.stdout + result.stderr
