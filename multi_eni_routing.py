@@ -1279,8 +1279,9 @@ def print_status(report):
 EPILOG = (
     "Everything the tool adds carries its marker: rules and routes protocol %d (tables %d-%d), "
     "mangle chains %s and %s, and a state record for the sysctls it changed and the addresses "
-    "it added. Flush removes exactly that. Exit codes: 0 success; 1 failure (the run was rolled "
-    "back), or with --status applied but stale; 2 bad usage; 3 with --status: nothing applied; "
+    "it added. Flush removes exactly that. Exit codes: 0 success; 1 failure (nothing changed, or "
+    "the run was rolled back), or with --status applied but stale; 2 bad usage; 3 with --status: "
+    "nothing applied; "
     "4 not root; 5 a required program is missing.")
 
 
