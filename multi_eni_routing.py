@@ -483,8 +483,10 @@ class ImdsClient:
                 continue
             if status == 200 and body.strip():
                 self.token = body.strip()
+                log.info("instance metadata: IMDSv2 at %s", host)
                 return host
             if status in (404, 405):  # IMDSv1 only: GETs without a token
+                log.info("instance metadata: IMDSv1 at %s (no token service)", host)
                 return host
             problems.append("%s: token refused (HTTP %s)" % (host, status))
             self.conn.close()
@@ -1258,16 +1260,20 @@ def status_report(enis, owned, changes):
     return report
 
 
+ORIGINS = {"configured": "configured", "imds": "added from IMDS"}
+
+
 def print_status(report):
     state = ("in sync" if report["in_sync"] else "stale") if report["applied"] else "not applied"
     print("multi-eni-routing: %s" % state)
     for eni in report["enis"]:
-        print("%s  table %d  device %d card %d  (%s)  gw %s%s  rules %d routes %d" % (
-            eni["name"], eni["table"], eni["device_number"], eni["network_card"], eni["found_by"],
-            eni["gateway4"] or "-", " / " + eni["gateway6"] if eni["gateway6"] else "",
+        gateways = " and ".join(g for g in (eni["gateway4"], eni["gateway6"]) if g) or "none"
+        print("%s: table %d (device %d, card %d, %s), gateway %s, %d rules, %d routes" % (
+            eni["name"], eni["table"], eni["device_number"], eni["network_card"],
+            "from IMDS" if eni["found_by"] == "imds" else "found locally", gateways,
             eni["rules"], eni["routes"]))
         for address in eni["addresses"]:
-            print("    %s (%s)" % (address["address"], address["origin"]))
+            print("    %s (%s)" % (address["address"], ORIGINS[address["origin"]]))
         for prefix in eni["delegated_prefixes"]:
             print("    %s (delegated prefix)" % prefix)
     for line in report["pending"]:
@@ -1446,6 +1452,9 @@ def desired_state(args, system, owned):
     imds = discover_imds(args, system)
     enis = select_enis(system, imds, args.interface, args.exclude,
                        add_from_imds=not args.no_imds_addresses, owned_addresses=owned.addresses)
+    for eni in enis:
+        log.info("ENI %s: table %d, %s, %d IPv4 and %d IPv6 addresses", eni.name, table_of(eni),
+                 "from IMDS" if eni.origin == "imds" else "found locally", len(eni.ipv4), len(eni.ipv6))
     desired = plan(enis, args.mark_mask)
     if imds is None:  # no full answer: never remove addresses added earlier
         desired = desired._replace(addresses=desired.addresses | owned.addresses)

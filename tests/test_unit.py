@@ -407,3 +407,14 @@ def test_without_imds_a_machine_that_is_not_ec2_has_no_eni():
     system = recorded.system("xen-eth0-eth1")
     virtio = system._replace(sysfs={name: (True, "virtio_net") for name in system.sysfs})
     assert mer.select_enis(virtio, None) == []
+
+
+def test_status_says_where_each_address_came_from(capsys):
+    enis = enis_of("nitro-ens5-ens6-ens7")
+    report = mer.status_report(enis, EMPTY, mer.Changes([], [], [], [], []))
+    mer.print_status(report)
+    out = capsys.readouterr().out
+    assert out.startswith("multi-eni-routing: not applied\n")
+    assert "ens6: table 22001 (device 1, card 0, from IMDS), gateway 198.51.100.129 and fe80::1" in out
+    assert "    198.51.100.140 (configured)\n    198.51.100.141 (added from IMDS)\n" in out
+    assert "    2001:db8:b:0:1234::/80 (delegated prefix)\n" in out
