@@ -336,7 +336,8 @@ def test_kernel_without_ipv6_is_given_no_ipv6_addresses():
 def test_ipv6_sources_read_as_empty_when_the_kernel_has_no_ipv6(monkeypatch):
     calls = []
     monkeypatch.setattr(mer, "ipv6_enabled", lambda: False)
-    monkeypatch.setattr(mer, "run_all", lambda commands: calls.extend(commands) or ["[]"] * len(commands))
+    monkeypatch.setattr(mer, "run_together",
+                        lambda commands: calls.extend(argv for argv, _ in commands) or ["[]"] * len(commands))
     outputs = mer.read_outputs({name: name for name in ("ip", "iptables-save", "ip6tables-save")})
     assert outputs["rule6"] == outputs["route6"] == outputs["mangle6"] == ""
     assert not any("-6" in c or "ip6tables-save" in c for c in calls)
@@ -382,7 +383,20 @@ def test_a_failing_program_is_one_error_with_command_code_and_stderr():
 def test_programs_run_without_a_shell_and_in_the_c_locale():
     assert mer.run(["sh", "-c", "echo $LC_ALL"]) == "C\n"
     assert mer.run(["echo", "a;b", "$HOME"]) == "a;b $HOME\n"
-    assert mer.run_all([["echo", "one"], ["echo", "two"]]) == ["one\n", "two\n"]
+    assert mer.run_together([(["echo", "one"], None), (["cat"], "two\n")]) == ["one\n", "two\n"]
+
+
+def test_a_program_that_cannot_start_is_the_same_error():
+    with pytest.raises(mer.CommandError) as error:
+        mer.run(["/nonexistent/ip", "-j", "rule"])
+    assert "/nonexistent/ip -j rule exited 127 (not started): No such file or directory" == str(error.value)
+
+
+def test_commands_run_together_report_the_first_failure_after_all_ended(tmp_path):
+    done = tmp_path / "done"
+    with pytest.raises(mer.CommandError, match="exited 3"):
+        mer.run_together([(["sh", "-c", "exit 3"], None), (["sh", "-c", "sleep 0.2; touch %s" % done], None)])
+    assert done.exists()
 
 
 def test_a_kernel_without_rule_protocols_is_refused(monkeypatch, capsys):
