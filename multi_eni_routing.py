@@ -1085,12 +1085,12 @@ def apply_changes(programs, changes, fail_after=0):
         ([programs["ip6tables-restore"], "-w", "10", "--noflush"], mangle_script(changes.iptables6)),
     ] if lines]
     run_together(batches)
-    if 0 < fail_after <= len(batches):
-        raise ToolError("failure injected after step %d (MULTI_ENI_ROUTING_FAIL_AFTER)" % fail_after)
-    if changes.sysctls:
+    done = len(batches)
+    if changes.sysctls and not 0 < fail_after <= done:
         write_sysctls(changes.sysctls)
-        if fail_after == len(batches) + 1:
-            raise ToolError("failure injected after step %d (MULTI_ENI_ROUTING_FAIL_AFTER)" % fail_after)
+        done += 1
+    if 0 < fail_after <= done:
+        raise ToolError("failure injected after step %d (MULTI_ENI_ROUTING_FAIL_AFTER)" % fail_after)
 
 
 def mangle_script(lines):
