@@ -1328,7 +1328,8 @@ WATCH_MAX_DELAY = 1.0  # ... or at the latest this long after its first event
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0  # retry of a failed converge: 1, 2, 4 .. 60 s
 REFRESH_DEFAULT = 60.0
 STOP_SIGNALS = ("SIGTERM", "SIGINT")
-# The first apply's failures that no retry can mend: the watcher exits with them.
+# The first apply's failures that no retry can mend: the watcher exits with them
+# (a daemon's parent too, and no child stays).
 FATAL_EXIT_CODES = (EXIT_USAGE, EXIT_NOT_ROOT, EXIT_MISSING_PROGRAM)
 
 # What a netlink message says, if it can matter: `key` names the object,
@@ -1606,13 +1607,16 @@ class Watcher:
         if not changing_system(frame):
             raise Stopped()
 
-    def converge(self, schedule):
-        """One converge; its exit code. Failures are logged and scheduled for a retry."""
+    def converge(self, schedule, first=False):
+        """One converge; its exit code. Failures are logged and scheduled for a
+        retry, except the first apply's that no retry can mend: raised."""
         schedule.converging()
         started = time.monotonic()
         try:
             code = execute(self.args, started, report=self.report)
         except ToolError as exc:
+            if first and exc.exit_code in FATAL_EXIT_CODES:
+                raise
             return self.failed(schedule, str(exc), exc.exit_code)
         except Exception as exc:  # a bug or an unforeseen system error: retried all the same
             return self.failed(schedule, "unexpected %s: %s" % (exc.__class__.__name__, exc), EXIT_FAILURE)
@@ -1643,9 +1647,7 @@ class Watcher:
                 raise ToolError("cannot watch the kernel's routing messages (netlink): %s"
                                 % (exc.strerror or exc))
             schedule = Schedule(self.args.refresh, time.monotonic())
-            code = self.converge(schedule)
-            if code in FATAL_EXIT_CODES:
-                return code
+            code = self.converge(schedule, first=True)
             if self.args.daemon:
                 if not self.daemonize():
                     return code  # the parent: the first apply's exit code
