@@ -1322,6 +1322,7 @@ FRA_PROTOCOL = 21
 IFF_UP, IFF_RUNNING, IFF_LOWER_UP = 0x1, 0x40, 0x10000
 RT_SCOPE_LINK = 253  # and host (254): not an address anyone reaches the ENI on
 RECEIVE_BUFFER = 1 << 20  # room for a burst (a link going takes its routes along)
+SO_RCVBUFFORCE = 33  # root may go beyond net.core.rmem_max (not in the socket module)
 
 WATCH_QUIET = 0.25  # a burst of events has ended when none came for this long
 WATCH_MAX_DELAY = 1.0  # ... or at the latest this long after its first event
@@ -1443,7 +1444,7 @@ class KernelView:
             name = (event.state or self.links.get(event.key) or ("#%d" % event.key,))[0]
             return "link %s %s" % (name, "changed" if event.state else "gone")
         if event.kind == "address":
-            index, family, address, prefixlen = event.key
+            address, prefixlen = event.key[2:]
             try:
                 text = str(ipaddress.ip_address(address))
             except ValueError:
@@ -1457,9 +1458,16 @@ class NetlinkWatch:
     """The rtnetlink socket, and the view of links and addresses it keeps."""
 
     def __init__(self):
+        self.sock = None
+        self.view = KernelView()
+        self.open()
+
+    def open(self):
+        """Subscribe (again, on a new socket) and read the links and addresses."""
         import socket  # here: one-off runs do without its import time
+        self.close()
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        for option in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root) beyond rmem_max, else capped
+        for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):  # the latter capped at rmem_max
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
                 break
@@ -1467,14 +1475,14 @@ class NetlinkWatch:
                 continue
         self.sock.bind((0, WATCH_GROUPS))
         self.sock.setblocking(False)
-        self.view = KernelView()
         self.resync()
 
     def fileno(self):
         return self.sock.fileno()
 
     def close(self):
-        self.sock.close()
+        if self.sock:
+            self.sock.close()
 
     def resync(self):
         """Read all links and addresses anew (at start and after an overrun)."""
@@ -1649,8 +1657,9 @@ class Watcher:
             schedule = Schedule(self.args.refresh, time.monotonic())
             code = self.converge(schedule, first=True)
             if self.args.daemon:
-                if not self.daemonize():
-                    return code  # the parent: the first apply's exit code
+                detached = self.daemonize()
+                if not detached:  # the parent: the first apply's exit code, if the child started
+                    return code if detached is False else EXIT_FAILURE
                 pidfile = self.args.pidfile  # written by the child before the parent left
             elif self.args.pidfile:
                 pidfile = write_pidfile(self.args.pidfile)
@@ -1674,34 +1683,53 @@ class Watcher:
         poller.register(events, select.POLLIN)
         while not self.stop_requested:
             wait = schedule.due() - time.monotonic()
-            if wait > 0:
-                if poller.poll(max(1, int(wait * 1000 + 1))):
+            if wait <= 0:
+                self.converge(schedule)
+            elif poller.poll(max(1, int(wait * 1000 + 1))):
+                try:
                     reasons = events.read()
-                    if reasons:
-                        log.info("converge soon: %s", "; ".join(reasons[:5]) + (
-                            " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
-                        schedule.event(time.monotonic())
-                continue
-            self.converge(schedule)
+                except OSError as exc:  # unforeseen: a new socket, and converge as after an overrun
+                    log.error("reading netlink messages failed (%s): watching anew", exc.strerror or exc)
+                    poller.unregister(events)
+                    events.open()
+                    poller.register(events, select.POLLIN)
+                    reasons = ["netlink error"]
+                if reasons:
+                    log.info("converge soon: %s", "; ".join(reasons[:5]) + (
+                        " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
+                    schedule.event(time.monotonic())
 
     def daemonize(self):
-        """Fork; the parent returns False once the child is detached and has
-        written the pid file; the child returns True, logging to syslog."""
+        """Fork. The parent waits until the child has written the pid file and
+        returns False (None if the child could not); the child detaches (own
+        session, /, no terminal), logs to syslog, and returns True."""
         ready_read, ready_write = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork():
             os.close(ready_write)
-            os.read(ready_read, 1)  # the child has written the pid file (or died)
+            started = os.read(ready_read, 1) == b"1"  # b"" if the child died first
             os.close(ready_read)
-            return False
+            return False if started else None
         os.close(ready_read)
         os.setsid()
+        try:
+            write_pidfile(self.args.pidfile)
+        except ToolError as exc:  # still on the caller's stderr: say why, once
+            sys.stderr.write("%s: error: %s\n" % (PROG, exc))
+            sys.stderr.flush()
+            os._exit(EXIT_FAILURE)
         os.chdir("/")
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
+        self.log_to_syslog()
+        os.write(ready_write, b"1")
+        os.close(ready_write)
+        return True
+
+    def log_to_syslog(self):
         import syslog
         syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_DAEMON)
         priorities = {Log.DEBUG: syslog.LOG_DEBUG, Log.INFO: syslog.LOG_INFO,
@@ -1713,18 +1741,17 @@ class Watcher:
 
         log.emit = emit
         self.say = lambda line, error=False: syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
-        write_pidfile(self.args.pidfile)
-        os.write(ready_write, b"1")
-        os.close(ready_write)
-        return True
 
 
 def write_pidfile(path):
     """Write our pid to `path` atomically; return the path."""
     temporary = "%s.%d.tmp" % (path, os.getpid())
-    with open(temporary, "w") as handle:
-        handle.write("%d\n" % os.getpid())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as handle:
+            handle.write("%d\n" % os.getpid())
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise ToolError("cannot write the pid file %s: %s" % (path, exc.strerror or exc))
     return path
 
 
@@ -1754,7 +1781,8 @@ def sd_notify(message):
 
 
 def watch(args):
-    """--watch: a long-running process, so the cyclic garbage collector is back on."""
+    """--watch: a long-running process, so the cyclic garbage collector is back
+    on (main() turned it off for one-off runs)."""
     gc.enable()
     return Watcher(args).run()
 

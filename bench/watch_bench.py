@@ -157,8 +157,8 @@ def measure_attach(lab, watcher, repeat, timeout=10):
         watcher.settle()
         eni = lab.attach_eni()
         table = 22000 + eni.device_number
-        took = time_until(lambda: eni_routing(lab, table) and any(
-            "default" in line for line in eni_routing(lab, table)), timeout)
+        took = time_until(lambda table=table: any("default" in line for line in eni_routing(lab, table)),
+                          timeout)
         if took is None:
             raise RuntimeError("attached ENI not routed within %s s" % timeout)
         samples.append(took)

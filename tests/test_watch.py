@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import multi_eni_routing as mer  # noqa: E402
-from lab import TOOL, TOOL_PYTHON, _run  # noqa: E402
+from lab import TOOL, TOOL_PYTHON, _run
+from recorded import mer
 
 
 # -- Unit: netlink messages. ----------------------------------------------------
@@ -654,3 +653,14 @@ def test_as_a_daemon_a_usage_error_leaves_no_process_behind(make_lab):
     assert result.stderr.strip().splitlines() == ["multi-eni-routing: error: no such interface: nosuch0"]
     assert not os.path.exists(pidfile)
     assert _run(["ip", "netns", "pids", lab.instance]).stdout.split() == []
+
+
+def test_as_a_daemon_a_pid_file_it_cannot_write_is_one_line_and_exit_1(make_lab):
+    lab = make_lab()
+    pidfile = os.path.join(lab.tmpdir, "no-such-directory", "watch.pid")
+    result = lab.run_tool("--watch", "--daemon", "--pidfile", pidfile, "-q")
+    assert result.rc == mer.EXIT_FAILURE
+    assert result.stderr.strip().splitlines() == [
+        "multi-eni-routing: error: cannot write the pid file %s: No such file or directory" % pidfile]
+    wait_for(lambda: _run(["ip", "netns", "pids", lab.instance]).stdout.split() == [], 5,
+             what="no process left in the instance namespace")
