@@ -1289,9 +1289,9 @@ def print_status(report):
 # after the first); every --refresh seconds a converge asks IMDS anyway.
 #
 # Its own changes: a converge that adds or removes addresses or deletes its own
-# rules causes messages that matter, so it is followed by exactly one more
-# converge, which finds everything in sync and changes nothing, hence causes
-# nothing: the watcher settles. (Ignoring the messages that arrive during a
+# rules causes messages that matter, so it is followed by one more converge,
+# which finds everything in sync and changes nothing, hence causes nothing:
+# the watcher settles. (Ignoring the messages that arrive during a
 # converge instead would lose a change someone else made meanwhile, e.g. DHCP
 # re-adding the address whose removal started the converge.)
 
@@ -1318,6 +1318,7 @@ RTATTR = struct.Struct("=HH")  # length, type
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER = 1, 3, 10
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_TABLE = 15
+RT_TABLE_COMPAT = 252  # in rtm_table when the number is over 255: the real one is in RTA_TABLE
 FRA_PROTOCOL = 21
 IFF_UP, IFF_RUNNING, IFF_LOWER_UP = 0x1, 0x40, 0x10000
 RT_SCOPE_LINK = 253  # and host (254): not an address anyone reaches the ENI on
@@ -1406,7 +1407,7 @@ def route_event(kind, payload):
     if protocol == RT_PROTO:
         return Event("route", None, None) if kind == RTM_DELROUTE else None
     table = struct.unpack("=I", netlink_attributes(payload, RTMSG.size).get(RTA_TABLE, b""))[0] \
-        if table == 252 else table  # RT_TABLE_COMPAT: the real number is in RTA_TABLE
+        if table == RT_TABLE_COMPAT else table
     if table == TABLE_MAIN and dst_len == 0:
         return Event("gateway", family, None)
     return None
@@ -1519,6 +1520,7 @@ def dump(request):
     import socket
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
     try:
+        sock.settimeout(5)  # the kernel answers at once; never hang on it
         sock.bind((0, 0))
         body = struct.pack("=B3x", socket.AF_UNSPEC) + (b"\0" * 12 if request == RTM_GETLINK else b"\0" * 4)
         sock.send(NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
@@ -1599,7 +1601,6 @@ class Watcher:
         self.args = args
         self.stop_requested = False
         self.say = self.print_line
-        self.changed = False
 
     # -- output: stdout/stderr in the foreground (the journal), syslog as a daemon --
 
