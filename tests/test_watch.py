@@ -527,16 +527,26 @@ def test_idle_it_costs_under_half_a_second_of_cpu_per_10_s_and_under_40_mb(make_
     assert memory_kb(pid, "VmRSS") < 40 * 1024
 
 
+def test_its_own_changes_wake_it_once_at_most_then_it_stays_idle(make_lab, watching):
+    lab = make_lab(configure_secondaries=False)  # the first apply adds them, from IMDS
+    watcher = watching(lab).ready()
+    assert "applied:" in watcher.messages[0]
+    after = watcher.statuses_during(2.0)
+    assert [status[:15] for status in after] == ["STATUS=in sync:"]  # its own new addresses, checked once
+    assert watcher.statuses_during(3.0) == []
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_ends_it_with_0_within_5_s_leaving_the_routing_applied(make_lab, watching, signum):
     lab = make_lab()
     watcher = watching(lab).ready()
-    applied = routing(lab)
+    watcher.settle()
+    applied = lab.snapshot()
     started = time.monotonic()
     watcher.process.send_signal(signum)
     assert watcher.process.wait(5) == 0
     assert time.monotonic() - started < 5
-    assert routing(lab) == applied
+    assert lab.snapshot() == applied  # rules, routes, mangle, addresses, sysctls: all as they were
     assert "Traceback" not in watcher.output()
 
 
