@@ -233,6 +233,33 @@ def test_a_failing_converge_is_reported_and_scheduled_never_raised(monkeypatch, 
     assert len(capsys.readouterr().err.splitlines()) == 2
 
 
+class NoNetlink:
+    """Stands in for the netlink socket: these tests never listen to the host."""
+
+    def __init__(self):
+        self.opened = True
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("setup, code, message", [
+    (lambda mp: mp.setattr(mer.os, "geteuid", lambda: 1000), mer.EXIT_NOT_ROOT, "must run as root"),
+    (lambda mp: (mp.setattr(mer.os, "geteuid", lambda: 0), mp.setattr(mer, "which", lambda name: None)),
+     mer.EXIT_MISSING_PROGRAM, "ip not found"),
+])
+def test_a_first_apply_no_retry_can_mend_ends_the_watcher_and_its_daemon(monkeypatch, tmp_path, capsys,
+                                                                          setup, code, message):
+    monkeypatch.setattr(mer, "NetlinkWatch", NoNetlink)
+    monkeypatch.setattr(mer.os, "fork", lambda: pytest.fail("forked after a fatal first apply"))
+    setup(monkeypatch)
+    pidfile = tmp_path / "watch.pid"
+    assert mer.main(["--watch", "--daemon", "--pidfile", str(pidfile), "--state-dir", str(tmp_path)]) == code
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("multi-eni-routing: error: " + message)
+    assert not pidfile.exists()
+
+
 def test_a_stop_waits_for_an_apply_under_way_but_not_for_a_read():
     def inside_converge():
         return sys._getframe()
