@@ -1580,7 +1580,11 @@ def discover_imds(args, system):
 def check_interfaces(args, system):
     """-i naming a missing interface is a usage error for apply; flush and status
     must still work after that ENI was detached, so they only drop the name."""
-    names = {link.name for link in system.links}
+    unsafe = [name for name in args.interface if not SAFE_NAME.match(name)]
+    if unsafe and not (args.flush or args.status):
+        raise ToolError("cannot route %s: an interface name must be 1-15 of [A-Za-z0-9_.-]"
+                        % ", ".join(repr(name) for name in unsafe), EXIT_USAGE)
+    names = {link.name for link in system.links if SAFE_NAME.match(link.name)}
     missing = [name for name in args.interface if name not in names]
     if missing and not (args.flush or args.status):
         raise ToolError("no such interface: %s" % ", ".join(missing), EXIT_USAGE)

@@ -491,3 +491,116 @@ def test_status_says_where_each_address_came_from(capsys):
     assert "ens6: table 22001 (device 1, card 0, from IMDS), gateway 198.51.100.129 and fe80::1" in out
     assert "    198.51.100.140 (configured)\n    198.51.100.141 (added from IMDS)\n" in out
     assert "    2001:db8:b:0:1234::/80 (delegated prefix)\n" in out
+
+
+# -- Routing model v2: numbering, names, addresses routed elsewhere, the record. -----
+
+def test_slots_are_dense_from_zero_over_the_pairs_that_exist():
+    numbers = [(0, 0), (4, 0), (10, 0), (31, 0), (0, 1)]
+    assert mer.slots_of(numbers, [None] * 5, {}, 63) == [0, 1, 2, 3, 4]
+
+
+def test_a_reattached_eni_gets_its_remembered_slot_back_and_newcomers_avoid_it():
+    remembered = {"0:0": 0, "0:1": 1, "4:0": 2}  # 0:1 was detached
+    assert mer.slots_of([(0, 0), (4, 0), (10, 0)], [None] * 3, remembered, 63) == [0, 2, 3]
+    assert mer.slots_of([(0, 0), (4, 0), (0, 1)], [None] * 3, remembered, 63) == [0, 2, 1]
+    # with no room left, a remembered but absent pair gives its slot up
+    assert mer.slots_of([(0, 0), (4, 0), (10, 0)], [None] * 3, remembered, 3) == [0, 2, 1]
+
+
+def test_without_a_record_an_interface_keeps_the_slot_it_is_routed_with():
+    assert mer.slots_of([(0, 0), (0, 1)], [0, 5], {}, 63) == [0, 5]
+
+
+def test_more_enis_than_the_mask_numbers_is_one_clear_error():
+    with pytest.raises(mer.ToolError, match="64 ENIs, but room for 63"):
+        mer.slots_of([(card, device) for card in range(32) for device in range(2)], [None] * 64, {}, 63)
+
+
+def test_remembered_slots_keep_absent_pairs_unless_their_slot_was_given_away():
+    enis = enis_of("xen-eth0-eth1")
+    record = {"slots": {"0:5": 7, "0:6": 1}}
+    assert mer.remembered_slots(record, enis) == {"0:0": 0, "0:1": 1, "0:5": 7}
+
+
+def test_an_ipv6_default_goes_although_the_table_keeps_its_ipv4_default():
+    v4_default = mer.Route(4, 22001, "default", "203.0.113.1", "eth1")
+    v6_default = mer.Route(6, 22001, "default", "fe80::1", "eth1")
+    current = EMPTY._replace(routes=frozenset([v4_default, v6_default]))
+    changes = mer.diff(EMPTY._replace(routes=frozenset([v4_default])), current, {}, {})
+    assert changes.ip == {4: [], 6: ["route del default via fe80::1 dev eth1 table 22001 proto 231"]}
+
+
+def test_interfaces_with_unsafe_names_are_skipped_or_refused(capsys):
+    system = recorded.system("xen-eth0-eth1")
+    renamed = [link._replace(name="e#1") if link.name == "eth1" else link for link in system.links]
+    system = system._replace(links=renamed)
+    enis = mer.select_enis(system, recorded.imds("xen-eth0-eth1"))
+    assert [e.name for e in enis] == ["eth0"]
+    assert "'e#1' is not a name the tool can route safely" in capsys.readouterr().err
+    with pytest.raises(mer.ToolError) as error:
+        mer.check_interfaces(mer.parse_args(["-i", "eth0", "-i", "e#1"]), system)
+    assert error.value.exit_code == mer.EXIT_USAGE and "'e#1'" in str(error.value)
+
+
+def test_an_address_main_routes_to_another_device_or_a_foreign_rule_names_is_not_added():
+    """The VPC CNI's secondary-IP mode: IMDS lists eth1's pod addresses."""
+    system = recorded.system("xen-eth0-eth1")
+    imds = recorded.imds("xen-eth0-eth1")
+    eth1_mac = next(mac for mac in imds.enis if mac != imds.primary_mac)
+    meta = imds.enis[eth1_mac]
+    listed = meta.families[4]._replace(addresses=("203.0.113.10", "203.0.113.77", "203.0.113.78", "203.0.113.79"))
+    imds = imds._replace(enis=dict(imds.enis, **{eth1_mac: meta._replace(families={4: listed, 6: meta.families[6]})}))
+    pods = system._replace(
+        main_routes=system.main_routes + [mer.MainRoute(4, "203.0.113.77/32", None, "eni1a2b3c")],
+        foreign_rules=system.foreign_rules + [mer.ForeignRule(4, 512, None, "203.0.113.78/32")])
+    eth1 = mer.select_enis(pods, imds)[1]
+    assert v4(eth1).added == ("203.0.113.79",)
+    assert dict(v4(eth1).refused) == {"203.0.113.77": "main routes it to eni1a2b3c",
+                                      "203.0.113.78": "rule 512 of another program names it"}
+    report = mer.status_report([eth1], EMPTY, NO_CHANGES)
+    assert {"address": "203.0.113.77", "why": "main routes it to eni1a2b3c"} in report["enis"][0]["not_added"]
+
+
+def test_same_subnet_enis_are_not_taken_for_routing_each_others_addresses_elsewhere():
+    enis = enis_of("same-subnet")
+    assert all(v4(e).refused == () for e in enis)
+
+
+def test_record_entries_of_a_gone_or_replaced_interface_are_dropped():
+    links = recorded.system("xen-eth0-eth1").links
+    index = {link.name: link.index for link in links}
+    record = {"sysctls": {"net/ipv4/conf/eth1/rp_filter": {"original": "1", "set": "2", "ifindex": index["eth1"]},
+                          "net/ipv4/conf/eth0/rp_filter": {"original": "0", "set": "2", "ifindex": 99},
+                          "net/ipv4/conf/eth7/rp_filter": {"original": "1", "set": "2", "ifindex": 7}},
+              "addresses": [["eth1", "203.0.113.11/32", index["eth1"]], ["eth0", "198.51.100.12/32", 99]],
+              "slots": {"0:0": 0}}
+    live = mer.live_record(record, links)
+    assert list(live["sysctls"]) == ["net/ipv4/conf/eth1/rp_filter"]
+    assert live["addresses"] == [["eth1", "203.0.113.11/32", index["eth1"]]]
+    assert live["slots"] == {"0:0": 0}
+
+
+def test_the_record_is_named_after_this_namespace_whatever_pid_1_is(monkeypatch):
+    monkeypatch.setattr(mer.os, "stat", lambda path: mer.os.stat_result((0,) * 10) if "1/ns" in path
+                        else mer.os.stat_result((0, 4026532281) + (0,) * 8))
+    assert mer.netns_id() == 4026532281
+    assert mer.state_path("/run/multi-eni-routing", mer.netns_id()) == \
+        "/run/multi-eni-routing/state-netns-4026532281.json"
+
+
+def test_an_upgrade_replaces_the_state_of_version_1_whole():
+    system = recorded.system("applied-v1")
+    owned = mer.owned_state(system, {})
+    desired = mer.plan(mer.select_enis(system, recorded.imds("applied-v1")),
+                       groups={link.name: link.group for link in system.links})
+    commands = mer.render(mer.diff(desired, owned, {}, {}))
+    deleted = [c for c in commands if " rule del " in c]
+    # all 9 rules of version 1 but its two fwmark rules, which version 2 has too
+    assert len(deleted) == 7 and not any("fwmark" in c for c in deleted)
+    assert any("suppress_prefixlength 0" in c for c in deleted)
+    assert "ip -4 route del 198.51.100.0/24 via 203.0.113.1 dev eth1 table 22001 proto 231" in commands
+    assert "iptables -t mangle -F MULTI-ENI-PREROUTING" in commands
+    desired_now = mer.owned_state(recorded.system("applied-2eni"), {})
+    assert desired_now.rules == desired.rules and desired_now.routes == desired.routes
+    assert desired_now.mangle == desired.mangle and desired_now.groups == desired.groups
