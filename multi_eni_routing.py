@@ -1486,9 +1486,11 @@ def print_status(report):
 # -- Command line. ----------------------------------------------------------------
 
 EPILOG = (
-    "Everything the tool adds carries its marker: rules and routes protocol %d (tables %d-%d), "
-    "mangle chains %s and %s, and a state record for the sysctls it changed and the addresses "
-    "it added. Flush removes exactly that. Exit codes: 0 success; 1 failure (nothing changed, or "
+    "Per ENI it adds a table, a rule for its connection mark and one per subnet that is the ENI's "
+    "alone (per address only where a subnet is shared), plus one rule that lets main's routes win "
+    "unless they go out through an ENI. Everything the tool adds carries its marker: rules and "
+    "routes protocol %d (tables %d-%d), link group %d, mangle chains %s and %s, and a state record "
+    "for the sysctls it changed and the addresses it added. Flush removes exactly that. Exit codes: 0 success; 1 failure (nothing changed, or "
     "the run was rolled back), or with --status applied but stale; 2 bad usage; 3 with --status: "
     "nothing applied; "
     "4 not root; 5 a required program is missing.")
@@ -1500,7 +1502,7 @@ def parse_args(argv):
         description="Give every ENI of this EC2 instance its own policy routing, so that "
                     "every address of every ENI answers through its own ENI. Without an "
                     "action: apply (converge to the plan; safe to repeat).",
-        epilog=EPILOG % (RT_PROTO, TABLE_BASE, TABLE_LAST, CHAIN_PREROUTING, CHAIN_OUTPUT))
+        epilog=EPILOG % (RT_PROTO, TABLE_BASE, TABLE_LAST, ENI_GROUP, CHAIN_PREROUTING, CHAIN_OUTPUT))
     action = parser.add_mutually_exclusive_group()
     action.add_argument("-f", "--flush", action="store_true",
                         help="remove every rule, route, chain and address the tool added and give "
