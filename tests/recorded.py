@@ -44,13 +44,20 @@ class RecordedImds:
     def remaining(self):
         return 1.0
 
+    def another(self):
+        return self
+
     def get(self, path, missing_ok=True, retry_missing=False):
         if path == "mac":
             return self.tree["mac"]
         if path == "network/interfaces/macs/":
             return "\n".join(mac + "/" for mac in self.tree["macs"])
         mac, field = path[len("network/interfaces/macs/"):].split("/", 1)
-        value = self.tree["macs"][mac].get(field)
+        keys = self.tree["macs"].get(mac)
+        if keys is not None and field == "":  # the ENI's directory: the keys it has
+            value = "\n".join(sorted(keys))
+        else:
+            value = (keys or {}).get(field)
         if value is None and not missing_ok:
             raise mer.ImdsError("%s: HTTP 404" % path)
         return value

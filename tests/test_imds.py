@@ -55,8 +55,8 @@ def fetch(client):
 def test_imdsv2_token_is_used_for_every_get(imds):
     answer, _ = fetch(imds(tokens="required")())
     assert answer.primary_mac == PRIMARY
-    assert answer.enis[SECONDARY].ipv4s == ("203.0.113.10", "203.0.113.11")
-    assert answer.enis[SECONDARY].subnets4[0].exploded == "203.0.113.0/24"
+    assert answer.enis[SECONDARY].families[4].addresses == ("203.0.113.10", "203.0.113.11")
+    assert answer.enis[SECONDARY].families[4].subnets[0].exploded == "203.0.113.0/24"
     gets = [r for r in imds.requests() if r["method"] == "GET"]
     assert gets and all(r["token"] and r["status"] in (200, 404) for r in gets)
 

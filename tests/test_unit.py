@@ -99,10 +99,17 @@ def test_imds_only_secondary_address_is_added_and_routed():
     assert enis_of("nitro-ens5-ens6-ens7", add_from_imds=False)[1].added_ipv4 == ()
 
 
+def with_addresses(meta, family, addresses):
+    """META (an ImdsEni) with other addresses of FAMILY."""
+    families = dict(meta.families)
+    families[family] = families[family]._replace(addresses=addresses)
+    return meta._replace(families=families)
+
+
 def test_address_added_earlier_and_dropped_by_imds_is_neither_kept_nor_routed():
     system = recorded.system("xen-eth0-eth1")  # 198.51.100.11 is configured on eth0
     imds = recorded.imds("xen-eth0-eth1")
-    eth0_meta = imds.enis["02:00:00:00:00:01"]._replace(ipv4s=("198.51.100.10",))
+    eth0_meta = with_addresses(imds.enis["02:00:00:00:00:01"], 4, ("198.51.100.10",))
     imds = imds._replace(enis=dict(imds.enis, **{"02:00:00:00:00:01": eth0_meta}))
     ours = frozenset([mer.Address("eth0", "198.51.100.11/32")])
     eth0 = mer.select_enis(system, imds, owned_addresses=ours)[0]
@@ -327,7 +334,7 @@ def test_duplicate_interface_options_count_once():
 def test_kernel_without_ipv6_is_given_no_ipv6_addresses():
     system = recorded.system("nitro-ens5-ens6-ens7")._replace(ipv6=False)
     imds = recorded.imds("nitro-ens5-ens6-ens7")
-    imds = imds._replace(enis={mac: meta._replace(ipv6s=meta.ipv6s + ("2001:db8:b::99",))
+    imds = imds._replace(enis={mac: with_addresses(meta, 6, meta.families[6].addresses + ("2001:db8:b::99",))
                                for mac, meta in imds.enis.items()})
     assert all(e.added_ipv6 == () for e in mer.select_enis(system, imds))
     assert any(e.added_ipv6 for e in mer.select_enis(system._replace(ipv6=True), imds))
