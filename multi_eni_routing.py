@@ -837,7 +837,8 @@ def build_eni(link, device_number, network_card, meta, main_routes, add_from_imd
     # IMDS lists the ENI's primary IPv4 first; DHCP configures that one, so an
     # interface whose DHCP has not finished yet is left to it, not given a /32.
     ipv4, added4 = addresses_of(link.name, link.ipv4, meta and meta.families[4].addresses[1:], add_from_imds, owned)
-    ipv6, added6 = addresses_of(link.name, link.ipv6, meta and meta.families[6].addresses, add_from_imds and kernel_ipv6, owned)
+    ipv6, added6 = addresses_of(link.name, link.ipv6, meta and meta.families[6].addresses,
+                                add_from_imds and kernel_ipv6, owned)
     connected = [r for r in main_routes if r.dev == link.name and r.gateway is None
                  and r.dst != "default" and not is_host_route(r.dst)]
     subnets4 = (meta.families[4].subnets if meta and meta.families[4].subnets else
