@@ -622,23 +622,27 @@ def fetch_imds_enis(client, macs, primary):
     """{mac: ImdsEni}, fetched on up to IMDS_CONNECTIONS connections at once, one
     thread each: an ENI is a few round trips, most of them waiting. The first
     error stops every thread and is raised."""
-    pending = list(reversed(macs))  # list.pop and dict stores are atomic: no lock
-    enis, errors = {}, []
+    workers = [client] + [client.another() for _ in range(min(IMDS_CONNECTIONS, len(macs)) - 1)]
+    pending = list(reversed(macs))
+    enis, errors, lock = {}, [], threading.Lock()
+
+    def take():
+        with lock:
+            return pending.pop() if pending and not errors else None
 
     def work(worker):
         try:
-            while pending and not errors:
-                mac = pending.pop()
+            for mac in iter(take, None):
                 enis[mac] = fetch_imds_eni(worker, mac, is_primary=(mac == primary))
-        except IndexError:  # another thread took the last one
-            pass
         except Exception as exc:  # noqa: BLE001 (raised again in the calling thread)
-            errors.append(exc)
+            with lock:
+                errors.append(exc)
+            for other in workers:
+                other.deadline = 0  # the others stop retrying: the answer is refused anyway
         finally:
             worker.close()
 
-    threads = [threading.Thread(target=work, args=(client.another(),), daemon=True)
-               for _ in range(min(IMDS_CONNECTIONS, len(macs)) - 1)]
+    threads = [threading.Thread(target=work, args=(worker,), daemon=True) for worker in workers[1:]]
     for thread in threads:
         thread.start()
     work(client)

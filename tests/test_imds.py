@@ -300,3 +300,13 @@ def test_each_connection_uses_the_token_and_the_endpoint_that_answered(imds):
     assert len(answer.enis) == 6 and elapsed < 2
     gets = [r for r in imds.requests() if r["method"] == "GET"]
     assert len({r["port"] for r in gets}) == 4 and all(r["token"] for r in gets)
+
+
+def test_a_refused_eni_stops_the_others_retrying(imds):
+    """One ENI's answer is junk while another's listing still 404s: the whole
+    answer is refused at once, not after the other has used up the deadline."""
+    meta = instance([typical_eni(number) for number in range(3)])
+    meta["network"]["interfaces"]["macs"][mac_of(1)] = "<html>junk</html>"
+    error, elapsed = fetch(imds(meta, mac_404_first={mac_of(2): 10 ** 9})(timeout=5.0))
+    assert isinstance(error, mer.ImdsError) and "not a key listing" in str(error)
+    assert elapsed < 1
