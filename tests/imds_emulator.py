@@ -146,18 +146,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().finish()
 
     def answer(self, status, body=b""):
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
         emulator = self.server.emulator
-        emulator.log({
+        emulator.log({  # before the answer: a client that has it finds it in the log
             "time": time.time(), "method": self.command, "path": self.path,
             "status": status, "token": bool(self.headers.get("X-aws-ec2-metadata-token")),
             "client": self.client_address[0], "port": self.client_address[1],
             "connections": emulator.connections,
         })
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def misbehaviour(self, behaviour):
         """The status code forced by the behaviour section, or None."""
