@@ -42,7 +42,7 @@ class RecordedImds:
         pass
 
     def remaining(self):
-        return 1.0
+        return 0.0  # a recording does not change: waiting for it would never end
 
     def another(self):
         return self
