@@ -460,7 +460,7 @@ Imds = collections.namedtuple("Imds", "primary_mac enis")
 FAMILY_KEYS = {4: ("local-ipv4s", "subnet-ipv4-cidr-block", "ipv4-prefix"),
                6: ("ipv6s", "subnet-ipv6-cidr-blocks", "ipv6-prefix")}
 IMDS_CONNECTIONS = 4  # ENIs fetched at once: 15 ENIs in a third of the time, a few hundred packets in all
-IMDS_KEY = re.compile(r"^[a-z0-9][a-z0-9-]*/?$")  # a name in a directory listing
+IMDS_KEY = re.compile(r"^[A-Za-z0-9._-]+/?$")  # a name in a directory listing (junk is refused)
 
 
 class ImdsClient:
@@ -688,8 +688,10 @@ def eni_keys(client, base):
         bad = sorted(key for key in keys if not IMDS_KEY.match(key))
         if bad:
             raise ImdsError("%s: not a key listing: %r" % (base, bad[0][:40]))
-        if "device-number" in keys or client.remaining() < delay:
+        if "device-number" in keys:
             return {key.rstrip("/") for key in keys}
+        if client.remaining() < delay:
+            raise ImdsError("%s lists no device-number" % base)
         time.sleep(delay)
         delay = min(2 * delay, 1.0)
 

@@ -266,6 +266,9 @@ def test_a_just_attached_eni_without_device_number_yet_is_waited_for(imds):
     answer, elapsed = fetch(client)
     assert answer.enis[mac_of(1)].device_number == 1
     assert 0.3 <= elapsed < 2
+    error, elapsed = fetch(imds(instance([typical_eni(0), late]))(timeout=1.0))
+    assert isinstance(error, mer.ImdsError) and "lists no device-number" in str(error)
+    assert elapsed < 1.5
 
 
 def test_a_secondary_saying_device_number_0_for_a_moment_is_waited_for(imds):
