@@ -121,13 +121,17 @@ def test_imds_only_secondary_address_is_added_and_routed():
     assert v4(enis_of("nitro-ens5-ens6-ens7", add_from_imds=False)[1]).added == ()
 
 
+def with_addresses(meta, family, addresses):
+    """META (an ImdsEni) with other addresses of FAMILY."""
+    families = dict(meta.families)
+    families[family] = families[family]._replace(addresses=addresses)
+    return meta._replace(families=families)
+
+
 def test_address_added_earlier_and_dropped_by_imds_is_neither_kept_nor_routed():
     system = recorded.system("xen-eth0-eth1")  # 198.51.100.11 is configured on eth0
     imds = recorded.imds("xen-eth0-eth1")
-    meta = imds.enis["02:00:00:00:00:01"]
-    eth0_meta = meta._replace(families=dict(meta.families, **{"4": None}))
-    eth0_meta = meta._replace(families={4: meta.families[4]._replace(addresses=("198.51.100.10",)),
-                                        6: meta.families[6]})
+    eth0_meta = with_addresses(imds.enis["02:00:00:00:00:01"], 4, ("198.51.100.10",))
     imds = imds._replace(enis=dict(imds.enis, **{"02:00:00:00:00:01": eth0_meta}))
     ours = frozenset([mer.Address("eth0", "198.51.100.11/32")])
     eth0 = mer.select_enis(system, imds, owned_addresses=ours)[0]
@@ -385,10 +389,8 @@ def test_duplicate_interface_options_count_once():
 def test_kernel_without_ipv6_is_given_no_ipv6_addresses():
     system = recorded.system("nitro-ens5-ens6-ens7")._replace(ipv6=False)
     imds = recorded.imds("nitro-ens5-ens6-ens7")
-    imds = imds._replace(enis={mac: meta._replace(families={
-        4: meta.families[4],
-        6: meta.families[6]._replace(addresses=meta.families[6].addresses + ("2001:db8:b::99",))})
-        for mac, meta in imds.enis.items()})
+    imds = imds._replace(enis={mac: with_addresses(meta, 6, meta.families[6].addresses + ("2001:db8:b::99",))
+                               for mac, meta in imds.enis.items()})
     assert all(v6(e).added == () for e in mer.select_enis(system, imds))
     assert any(v6(e).added for e in mer.select_enis(system._replace(ipv6=True), imds))
 
@@ -604,3 +606,14 @@ def test_an_upgrade_replaces_the_state_of_version_1_whole():
     desired_now = mer.owned_state(recorded.system("applied-2eni"), {})
     assert desired_now.rules == desired.rules and desired_now.routes == desired.routes
     assert desired_now.mangle == desired.mangle and desired_now.groups == desired.groups
+
+
+def test_an_imds_answer_without_the_addresses_the_eni_has_removes_none_the_tool_added():
+    """A listing that shows device-number but not yet local-ipv4s reads like an IPv6-only ENI."""
+    system = recorded.system("xen-eth0-eth1")
+    imds = recorded.imds("xen-eth0-eth1")
+    primary = imds.enis[imds.primary_mac]
+    imds = imds._replace(enis=dict(imds.enis, **{imds.primary_mac: with_addresses(primary, 4, ())}))
+    ours = frozenset([mer.Address("eth0", "198.51.100.11/32")])
+    eth0 = mer.select_enis(system, imds, owned_addresses=ours)[0]
+    assert v4(eth0).added == ("198.51.100.11",)

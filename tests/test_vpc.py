@@ -402,6 +402,22 @@ def test_throttling_and_a_not_yet_propagated_eni_are_retried(make_lab):
     assert lab.reachability(lab.addresses()) == {a: BOTH for a in lab.addresses()}
 
 
+def test_an_ipv6_only_eni_is_routed_without_waiting_for_its_ipv4(make_lab):
+    """IMDS lists no local-ipv4s for eth1 (an IPv6-only ENI): that is the answer,
+    not a delay to wait out under the lock (it took 4.6 of the 5 s)."""
+    lab = make_lab(enis=2, configure_secondaries=False)
+    eth1 = lab.enis[1]
+    for key in ("local-ipv4s", "subnet-ipv4-cidr-block"):
+        lab.imds.override("network/interfaces/macs/%s/%s" % (eth1.mac, key), "")
+    started = time.monotonic()
+    applied(lab, "--imds-timeout", "5")
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.5, "the run took %.1f s" % elapsed
+    assert found_by(lab)["eth1"] == "imds"
+    assert lab.reachability(eth1.addresses6) == {a: BOTH for a in eth1.addresses6}
+    assert not [r for r in lab.imds.requests() if r["status"] == 404]
+
+
 def break_imds(lab, how):
     eth1 = lab.enis[1]
     local_ipv4s = "network/interfaces/macs/%s/local-ipv4s" % eth1.mac
