@@ -235,6 +235,11 @@ class Dockerd:
             except (ProcessLookupError, ValueError):
                 pass
 
+    def leftover_cgroups(self):
+        """The cgroup parent's directories that still exist."""
+        return [str(Path(target, self.cgroup_parent)) for _, target, _ in cgroup_mounts()
+                if Path(target, self.cgroup_parent).exists()]
+
     def _remove_cgroups(self):
         """The cgroup parent the containers ran in, in every hierarchy."""
         for _, target, _ in cgroup_mounts():
