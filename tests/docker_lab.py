@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -59,7 +60,7 @@ def docker_usable():
     missing = [name for name in ["dockerd", "containerd", "runc"] if not shutil.which(name)]
     if not DOCKER_CLI:
         missing.append("docker")
-    if not os.path.exists(BUSYBOX) or b"statically linked" not in _file_type(BUSYBOX):
+    if not os.path.exists(BUSYBOX) or not statically_linked(BUSYBOX):
         missing.append("busybox-static")
     if missing:
         return False, "not installed: %s (apt-get install docker.io busybox-static)" % ", ".join(missing)
@@ -68,11 +69,21 @@ def docker_usable():
     return True, ""
 
 
-def _file_type(path):
-    """Enough of file(1) to tell a static binary: its ELF has no interpreter."""
+def statically_linked(path):
+    """True if the ELF file at PATH has no program interpreter (PT_INTERP)."""
     with open(path, "rb") as f:
-        data = f.read()
-    return b"dynamically linked" if b"/ld-linux" in data or b"ld64.so" in data else b"statically linked"
+        header = f.read(64)
+        if header[:4] != b"\x7fELF":
+            return False
+        wide, order = header[4] == 2, "<" if header[5] == 1 else ">"
+        phoff, phentsize, phnum = (struct.unpack_from(order + "Q", header, 0x20)[0],
+                                   *struct.unpack_from(order + "HH", header, 0x36)) if wide else \
+            (struct.unpack_from(order + "I", header, 0x1C)[0], *struct.unpack_from(order + "HH", header, 0x2A))
+        for i in range(phnum):
+            f.seek(phoff + i * phentsize)
+            if struct.unpack(order + "I", f.read(4))[0] == 3:  # PT_INTERP
+                return False
+    return True
 
 
 def cgroup_mounts():
@@ -283,6 +294,12 @@ class Dockerd:
         self.docker("run", "-d", "--name", name, "--stop-signal", "KILL", *options, IMAGE,
                     "nc", "-ll", "-p", str(port), "-e", "echo", name)
         return name
+
+    def greeting_from(self, name, address, port):
+        """The first line container NAME got from a TCP server at ADDRESS:PORT
+        (a lab LineServer greets with its address), or None."""
+        proc = self.docker("exec", name, "timeout", "3", "nc", address, str(port), check=False)
+        return proc.stdout.split("\n")[0] or None
 
     def container_address(self, name, network="bridge"):
         return self.docker("inspect", "-f", "{{(index .NetworkSettings.Networks \"%s\").IPAddress}}"
