@@ -12,9 +12,9 @@ namespace that `ip netns exec` creates, where it first gets:
 
 - the cgroup hierarchies (`ip netns exec` mounts a fresh /sys, so
   /sys/fs/cgroup is empty there): the same ones the host has mounted;
-- a tmpfs on /run (containerd's shims put their sockets in /run/containerd)
-  and on /etc/docker (dockerd 20.10 writes its key.json there), so that
-  nothing of it lands in the host's files.
+- a tmpfs on /run (containerd's shims put their sockets in /run/containerd),
+  so that nothing of it lands in the host's files. (dockerd 20.10 would
+  write /etc/docker/key.json: daemon.json's deprecated-key-path puts it in its directory.)
 
 Those mounts vanish with the namespace's last process. Containers go into
 the cgroup parent mer-<lab id>-docker, removed on stop. The image is built
@@ -23,6 +23,7 @@ with `docker import` from the static busybox (no registry).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -177,11 +178,11 @@ class Dockerd:
 
     def start(self):
         """Start dockerd and wait until it answers on its socket."""
-        (self.dir / "daemon.json").write_text("{}\n")
+        # (no command-line flag for it: without it, /etc/docker/key.json)
+        (self.dir / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(self.dir / "key.json")}))
         # /run first: mount(8) keeps notes in /run/mount, which must not land on the host
         script = "\n".join(["set -e", "mount -n -t tmpfs -o mode=755 tmpfs /run",
                             *cgroup_setup_script(),
-                            "if [ -d /etc/docker ]; then mount -n -t tmpfs tmpfs /etc/docker; fi",
                             'exec "$@"'])
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
