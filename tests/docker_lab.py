@@ -1,8 +1,8 @@
 """Real Docker (Debian's docker.io) inside a lab's instance namespace.
 
     with Dockerd(lab, image_tar) as docker:
-        docker.run("web", "-p", "203.0.113.10:8080:80")
-        lab.tcp_ok(lab.client, "203.0.113.10", 8080)
+        docker.run_server("web", "-p", "203.0.113.11:8080:80")
+        tcp_answer(lab.client, "203.0.113.11", 8080)  # "web"
 
 dockerd runs in the lab's instance namespace with its own data root, exec
 root, pid file and socket under one temporary directory, its bridge and
@@ -13,8 +13,8 @@ namespace that `ip netns exec` creates, where it first gets:
 - the cgroup hierarchies (`ip netns exec` mounts a fresh /sys, so
   /sys/fs/cgroup is empty there): the same ones the host has mounted;
 - a tmpfs on /run (containerd's shims put their sockets in /run/containerd),
-  so that nothing of it lands in the host's files. (dockerd 20.10 would
-  write /etc/docker/key.json: daemon.json's deprecated-key-path puts it in its directory.)
+  so that nothing of it lands in the host's files. (dockerd 20.10 would also
+  write /etc/docker/key.json: its daemon.json puts that in its directory.)
 
 Those mounts vanish with the namespace's last process. Containers go into
 the cgroup parent mer-<lab id>-docker, removed on stop. The image is built
@@ -23,6 +23,7 @@ with `docker import` from the static busybox (no registry).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -71,18 +72,20 @@ def docker_usable():
 
 
 def statically_linked(path):
-    """True if the ELF file at PATH has no program interpreter (PT_INTERP)."""
+    """True if PATH is an ELF file without a program interpreter (PT_INTERP):
+    it runs in an image that has no C library."""
     with open(path, "rb") as f:
         header = f.read(64)
         if header[:4] != b"\x7fELF":
             return False
-        wide, order = header[4] == 2, "<" if header[5] == 1 else ">"
-        phoff, phentsize, phnum = (struct.unpack_from(order + "Q", header, 0x20)[0],
-                                   *struct.unpack_from(order + "HH", header, 0x36)) if wide else \
-            (struct.unpack_from(order + "I", header, 0x1C)[0], *struct.unpack_from(order + "HH", header, 0x2A))
+        order = "<" if header[5] == 1 else ">"
+        # where e_phoff, e_phentsize and e_phnum are in a 64-bit or 32-bit ELF header
+        phoff_format, phoff_at, sizes_at = ("Q", 0x20, 0x36) if header[4] == 2 else ("I", 0x1C, 0x2A)
+        (phoff,) = struct.unpack_from(order + phoff_format, header, phoff_at)
+        phentsize, phnum = struct.unpack_from(order + "HH", header, sizes_at)
         for i in range(phnum):
             f.seek(phoff + i * phentsize)
-            if struct.unpack(order + "I", f.read(4))[0] == 3:  # PT_INTERP
+            if struct.unpack(order + "I", f.read(4)) == (3,):  # PT_INTERP
                 return False
     return True
 
@@ -161,6 +164,7 @@ class Dockerd:
         self.cleanup()
 
     def argv(self):
+        """dockerd's command line."""
         return [
             "dockerd",
             "--data-root", str(self.dir / "data"),
@@ -178,7 +182,7 @@ class Dockerd:
 
     def start(self):
         """Start dockerd and wait until it answers on its socket."""
-        # (no command-line flag for it: without it, /etc/docker/key.json)
+        # dockerd 20.10 writes a key.json, to /etc/docker unless daemon.json says otherwise
         (self.dir / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(self.dir / "key.json")}))
         # /run first: mount(8) keeps notes in /run/mount, which must not land on the host
         script = "\n".join(["set -e", "mount -n -t tmpfs -o mode=755 tmpfs /run",
@@ -198,8 +202,8 @@ class Dockerd:
         raise DockerError("dockerd did not answer within %ss:\n%s" % (START_TIMEOUT, self.log_tail()))
 
     def stop(self):
-        """Stop dockerd (it stops its containers) and wait for it; kill it if
-        it hangs, and whatever it left in the namespace."""
+        """Stop dockerd (it stops its containers and containerd) and wait for
+        it; if it hangs, kill it and whatever it left in the namespace."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -207,68 +211,65 @@ class Dockerd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+                self._kill_leftovers()
         self.process = None
         if self.log:
             self.log.close()
             self.log = None
 
     def restart(self):
+        """Stop dockerd and start it again with the same options: containers
+        started with --restart come back."""
         self.stop()
         self.start()
 
     def cleanup(self):
         """Remove every container, stop dockerd, remove its cgroups and files.
         Never raises."""
-        try:
+        with contextlib.suppress(Exception):
             if self.process and self.process.poll() is None:
                 ids = self.docker("ps", "-aq", check=False).stdout.split()
                 if ids:
                     self.docker("rm", "-f", *ids, check=False, timeout=STOP_TIMEOUT)
-        except Exception:
-            pass
-        try:
+        with contextlib.suppress(Exception):
             self.stop()
-        except Exception:
-            pass
-        self._kill_leftovers()
-        self._remove_cgroups()
+        with contextlib.suppress(Exception):
+            self._kill_leftovers()
+        with contextlib.suppress(Exception):
+            self._remove_cgroups()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _kill_leftovers(self):
         """containerd, shims, container processes still in the lab's instance
         namespace (they hold the private mount namespace and its mounts)."""
         pids = subprocess.run(["ip", "netns", "pids", self.lab.instance],
-                              capture_output=True, text=True).stdout.split()
+                              capture_output=True, text=True, check=False).stdout.split()
         for pid in pids:
             if pid == str(os.getpid()):
                 continue
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
 
     def leftover_cgroups(self):
         """The cgroup parent's directories that still exist."""
         return [str(Path(target, self.cgroup_parent)) for _, target, _ in cgroup_mounts()
                 if Path(target, self.cgroup_parent).exists()]
 
-    def _remove_cgroups(self):
-        """The cgroup parent the containers ran in, in every hierarchy."""
-        for _, target, _ in cgroup_mounts():
-            parent = Path(target, self.cgroup_parent)
-            if parent.is_dir():
-                for child in sorted(parent.rglob("*"), key=lambda p: -len(p.parts)):
-                    if child.is_dir():
-                        try:
-                            child.rmdir()
-                        except OSError:
-                            pass
-                try:
-                    parent.rmdir()
-                except OSError:
-                    pass
+    def _remove_cgroups(self, timeout=5):
+        """The cgroup parent the containers ran in, in every hierarchy, deepest
+        first (a cgroup is busy until its killed processes are gone)."""
+        deadline = time.monotonic() + timeout
+        while self.leftover_cgroups() and time.monotonic() < deadline:
+            for parent in self.leftover_cgroups():
+                tree = [p for p in Path(parent).rglob("*") if p.is_dir()] + [Path(parent)]
+                for cgroup in sorted(tree, key=lambda p: -len(p.parts)):
+                    with contextlib.suppress(OSError):
+                        cgroup.rmdir()
+            if self.leftover_cgroups():
+                time.sleep(0.1)
 
     def log_tail(self, lines=30):
+        """The end of dockerd's log, for error messages."""
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
@@ -282,7 +283,7 @@ class Dockerd:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "DOCKER_CONFIG": str(self.dir / "cli"),
                "HOME": str(self.dir)}
         proc = subprocess.run([DOCKER_CLI, "--host", "unix://%s" % self.socket, *args],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+                              capture_output=True, text=True, timeout=timeout, env=env, check=False)
         if check and proc.returncode != 0:
             raise DockerError("docker %s failed (%d): %s\n%s" % (
                 " ".join(args), proc.returncode, proc.stderr.strip(), self.log_tail(10)))

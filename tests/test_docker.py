@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from docker_lab import DockerError, Dockerd, build_busybox_tar, docker_usable
+from docker_lab import Dockerd, DockerError, build_busybox_tar, docker_usable
 from lab import CLIENT4, ECHO_PORT, PEER4, tcp_answer
 
 pytestmark = pytest.mark.skipif(
@@ -72,7 +72,7 @@ def host_state():
 
 
 def _host_output(*argv):
-    return subprocess.run(argv, capture_output=True, text=True).stdout
+    return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
 
 
 def host_leftovers(before, dockerd):
@@ -80,7 +80,7 @@ def host_leftovers(before, dockerd):
     after = host_state()
     new_lines = set(after["iptables"].splitlines()) - set(before["iptables"].splitlines())
     found = ["host iptables: " + line for line in sorted(new_lines)
-             if re.search(r"docker|198\.18\.", line, re.I)]
+             if re.search(r"docker|198\.18\.", line, re.IGNORECASE)]
     found += ["/run/" + name for name in sorted(after["run"] - before["run"])]
     if after["etc/docker"] != before["etc/docker"]:
         found.append("/etc/docker now holds %s" % after["etc/docker"])
