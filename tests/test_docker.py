@@ -146,7 +146,9 @@ def test_port_published_on_a_secondary_eni_address_answers_through_its_eni(lab, 
     assert lab.dropped(eth0) > drops, "the reply should have left through eth0 (and been dropped)"
 
     applied(lab)
+    drops = [lab.dropped(eni) for eni in lab.enis]
     assert answers(lab, [address]) == {address: "web"}
+    assert [lab.dropped(eni) for eni in lab.enis] == drops, "a packet left through the wrong ENI"
 
 
 def test_port_published_on_all_addresses_answers_on_every_eni_address(lab, docker):
@@ -165,7 +167,9 @@ def test_port_published_on_all_addresses_answers_on_every_eni_address(lab, docke
     assert outbound() == reached
 
     applied(lab)
+    drops = [lab.dropped(eni) for eni in lab.enis]
     assert answers(lab, everywhere) == {a: "web" for a in everywhere}
+    assert [lab.dropped(eni) for eni in lab.enis] == drops, "a packet left through the wrong ENI"
     assert outbound() == reached
 
 
