@@ -14,7 +14,8 @@ namespace that `ip netns exec` creates, where it first gets:
   /sys/fs/cgroup is empty there): the same ones the host has mounted;
 - a tmpfs on /run (containerd's shims put their sockets in /run/containerd),
   so that nothing of it lands in the host's files. (dockerd 20.10 would also
-  write /etc/docker/key.json: its daemon.json puts that in its directory.)
+  write /etc/docker/key.json before version 23: its daemon.json puts that in
+  its directory.)
 
 Those mounts vanish with the namespace's last process. Containers go into
 the cgroup parent mer-<lab id>-docker, removed on stop. The image is built
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -115,6 +117,13 @@ def cgroup_setup_script():
     return lines
 
 
+def dockerd_major_version():
+    """20 for "Docker version 20.10.24+dfsg1, build 5d6db84"."""
+    out = subprocess.run(["dockerd", "--version"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"version (\d+)\.", out)
+    return int(match.group(1)) if match else 0
+
+
 def build_busybox_tar(directory):
     """A root file system with the static busybox and its applet links, as a tar
     for `docker import`; its path."""
@@ -182,8 +191,10 @@ class Dockerd:
 
     def start(self):
         """Start dockerd and wait until it answers on its socket."""
-        # dockerd 20.10 writes a key.json, to /etc/docker unless daemon.json says otherwise
-        (self.dir / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(self.dir / "key.json")}))
+        config = {}
+        if dockerd_major_version() < 23:  # it writes /etc/docker/key.json unless told otherwise
+            config["deprecated-key-path"] = str(self.dir / "key.json")
+        (self.dir / "daemon.json").write_text(json.dumps(config))
         # /run first: mount(8) keeps notes in /run/mount, which must not land on the host
         script = "\n".join(["set -e", "mount -n -t tmpfs -o mode=755 tmpfs /run",
                             *cgroup_setup_script(),
