@@ -301,11 +301,13 @@ class Dockerd:
         return proc
 
     def run_server(self, name, *options, port=80):
-        """A detached container NAME that greets every TCP connection on PORT
-        with its name (one line) and closes. OPTIONS go before the image
+        """A detached container NAME with a TCP server on PORT that, like the
+        lab's LineServer, greets each connection with one line (its name) and
+        then echoes every line as "echo LINE". OPTIONS go before the image
         (-p ..., --network ..., --restart ...)."""
+        serve = 'echo %s; while read -r line; do echo "echo $line"; done' % name
         self.docker("run", "-d", "--name", name, "--stop-signal", "KILL", *options, IMAGE,
-                    "nc", "-ll", "-p", str(port), "-e", "echo", name)
+                    "nc", "-ll", "-p", str(port), "-e", "sh", "-c", serve)
         return name
 
     def greeting_from(self, name, address, port):

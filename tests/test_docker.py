@@ -214,6 +214,23 @@ def test_a_network_created_after_apply_answers_without_running_the_tool_again(la
     assert "in sync" in applied(lab).stdout
 
 
+def test_sessions_through_published_ports_survive_apply_reapply_and_flush(lab, docker):
+    eth0, eth1 = lab.enis
+    docker.run_server("web", "-p", "%d:80" % PUBLISHED)
+    wait_until_serving(lab, docker, "web")
+    older = lab.session(lab.client, eth0.addresses4[0], PUBLISHED)  # works without the tool
+    assert older.greeting == "web" and older.exchange("before")
+
+    applied(lab)
+    newer = lab.session(lab.client, eth1.addresses4[0], PUBLISHED)
+    assert newer.greeting == "web"
+    assert [older.exchange("after apply"), newer.exchange("after apply")] == [True, True]
+    applied(lab)
+    assert [older.exchange("after re-apply"), newer.exchange("after re-apply")] == [True, True]
+    applied(lab, "--flush")
+    assert older.exchange("after flush")
+
+
 # -- flows older than the tool (issue 7, defect 4) --------------------------------------
 
 def test_a_connect_in_flight_before_the_first_apply_completes_after_it(lab, docker):
