@@ -869,6 +869,17 @@ def report(results, fixed, fixed_label):
             "%s %.1f" % (k, v) for k, v in m.items() if k != "peak_run")))
 
 
+def target_value(target):
+    value, unit = target["value"], target["unit"]
+    if value is None:
+        return "-"
+    if unit in ("rules", "lookups"):
+        return "%d %s (limit %d)" % (value, unit, target["limit"])
+    if unit == "ratio":
+        return "%.2f" % value
+    return ("%.3f %s" if value < 1 else "%.1f %s") % (value, unit)
+
+
 def print_table(header, rows):
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     line = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -1065,9 +1076,7 @@ def main(argv=None):
     targets = check_targets(results, fixed)
     print()
     for t in targets:
-        value = "-" if t["value"] is None else ("%.1f %s" % (t["value"], t["unit"]) if t["unit"] != "ratio"
-                                                 else "%.2f" % t["value"])
-        print("%-4s  %-52s  %s" % (t["result"], t["target"], value))
+        print("%-4s  %-52s  %s" % (t["result"], t["target"], target_value(t)))
     for r in results:
         if "profile" in r:
             print_profile(r["profile"], r["size"])
