@@ -638,6 +638,25 @@ DRIVER_NAMES = ["parse_args", "find_programs", "take_lock", "read_system", "run_
                 "summarize"]
 
 
+# cProfile of one run. Not `python -m cProfile`: the tool ends with os._exit,
+# before cProfile would write its file; here main() returns into the profiler.
+CPROFILER = r"""
+import cProfile, sys, types
+tool, out_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+mod = types.ModuleType("multi_eni_routing")
+mod.__file__ = tool
+sys.modules["multi_eni_routing"] = mod
+profiler = cProfile.Profile()
+profiler.enable()
+with open(tool) as handle:
+    exec(compile(handle.read(), tool, "exec"), mod.__dict__)
+rc = mod.main(argv)
+profiler.disable()
+profiler.dump_stats(out_path)
+sys.exit(rc)
+"""
+
+
 def profile(spec, base, work):
     """Where the time of the largest size goes: imports, stages, commands, cProfile."""
     py, tool = spec["python"], spec["tool"]
@@ -677,7 +696,7 @@ def profile(spec, base, work):
     cprof = {}
     for label, extra in (("apply", []), ("reapply", []), ("flush", ["-f"])):
         path = os.path.join(work, "cprofile-%s.prof" % label)
-        timed([py, "-m", "cProfile", "-o", path, tool] + args + extra)
+        timed([py, "-c", CPROFILER, tool, path] + args + extra)
         report = {}
         printer = ("import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats(sys.argv[2])"
                    ".print_stats(*sys.argv[3:-1], int(sys.argv[-1]))")
@@ -835,12 +854,15 @@ def report(results, fixed, fixed_label):
                      "%s (%s)" % (fmt(t["imds_apply"]["median"]), fmt(t["imds_apply"]["min"])),
                      "%s (%s)" % (fmt(t["imds_reapply"]["median"]), fmt(t["imds_reapply"]["min"])),
                      "%g / %g" % (r["imds_requests"]["apply"], r["imds_requests"]["reapply"]),
-                     "-" if r["ratio"]["apply"] is None else "%.3f / %.3f / %.3f" % (
-                         r["ratio"]["apply"], r["ratio"]["reapply"], r["ratio"]["imds_apply"]),
+                     "-" if r["ratio"]["apply"] is None else "%.3f / %.3f / %.3f (%.3f / %.3f / %.3f)" % (
+                         r["ratio"]["apply"], r["ratio"]["reapply"], r["ratio"]["imds_apply"],
+                         r["ratio_of_mins"]["apply"], r["ratio_of_mins"]["reapply"],
+                         r["ratio_of_mins"]["imds_apply"]),
                      "%.1f" % r["memory_mib"]["peak_run"]])
     print("rules/routes: protocol 231, counted with `ip rule`/`ip route` after the apply; own cmds = the tool's")
     print("own --dry-run, one process per command; IMDS = the tool without -i/--no-imds, emulator answering")
-    print("(IMDS req: requests per apply / re-apply); ratio = tool median / baseline apply median;")
+    print("(IMDS req: requests per apply / re-apply); ratio = tool median / baseline apply median")
+    print("(in parentheses: min / min, less moved by other load);")
     print("peak = largest max RSS of apply, re-apply, flush (with and without IMDS)")
     print_table(header, rows)
     looked = [r for r in results if r["lookups"]]
@@ -1066,6 +1088,9 @@ def main(argv=None):
         r["ratio"] = {k: (t[k]["median"] / b["apply"]["median"] if work else None)
                       for k in ("apply", "reapply", "imds_apply")}
         r["ratio"]["flush"] = t["flush"]["median"] / b["flush"]["median"] if work else None
+        # The same from the fastest runs: less moved by other load on the machine.
+        r["ratio_of_mins"] = {k: (t[k]["min"] / b["apply"]["min"] if work else None)
+                              for k in ("apply", "reapply", "imds_apply")}
         r["per_address_ms"] = ((t["apply"]["median"] - fixed) / r["addresses"]
                                if r["addresses"] > 1 else None)
     print()
