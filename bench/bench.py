@@ -264,8 +264,12 @@ def remove_stale_labs():
 # -- The worker: runs inside the lab namespace (ip netns exec) and does the timing. --
 
 def dry_lines(output):
+    """The commands of a --dry-run output, without comments."""
     text = output.strip()
-    return [] if text.startswith("in sync") or not text else text.splitlines()
+    if not text or text.startswith(("in sync", "nothing to do")):
+        return []
+    lines = (line.split(" #", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def write_script(path, lines):
