@@ -903,7 +903,7 @@ def target_value(target):
         return "%d %s (limit %d)" % (value, unit, target["limit"])
     if unit == "ratio":
         return "%.2f" % value
-    return ("%.3f %s" if value < 1 or unit == "x" else "%.1f %s") % (value, unit)
+    return ("%.4f %s" if value < 1 else "%.3f %s" if unit == "x" else "%.1f %s") % (value, unit)
 
 
 def print_table(header, rows):
