@@ -2,31 +2,40 @@
 """Benchmark of multi_eni_routing.py against the naive one-process-per-command way.
 
 Run as root from anywhere:  python3 bench/bench.py [--sizes 1x1,4x10,15x50] [--repeat 5]
-                                                  [--json FILE] [--profile] [--python PATH]
+                              [--quick] [--lookups N] [--tool FILE] [--json FILE]
+                              [--profile] [--python PATH] [--check]
 
 For each size ExN (E ENIs with N IPv4 addresses each) it builds a lab in network
 namespaces it creates and deletes again (mer-bench-<pid>-<size> and its -peer):
 the ENIs are veth pairs eth0..eth<E-1> whose peers (holding the gateway) live in
 the peer namespace, ENI k has 198.18.0.0/15's k-th /24 with N addresses (.10 up)
 and the instance has `default via <eth0's base+1> dev eth0 proto dhcp`, as DHCP
-would leave it. Inside the instance namespace it times, as a user sees it (wall
-clock of the whole process):
+would leave it. The peer namespace also serves tests/imds_emulator.py at
+169.254.169.254, reached through eth0. Inside the instance namespace it times,
+as a user sees it (wall clock of the whole process):
 
   tool apply      multi_eni_routing.py -i eth0 .. --no-imds --state-dir DIR  (from clean)
   tool re-apply   the same on the in-sync system
   tool flush      the same with -f
-  baseline apply  sh running the tool's own --dry-run output, one process per line
-                  (ip -4 rule add .., ip -4 route replace .., iptables -t mangle .., sysctl -w ..)
-  baseline flush  sh running the tool's `-f -n` output the same way
+  IMDS apply      multi_eni_routing.py --state-dir DIR (the ENIs IMDS lists), and re-apply
+  baseline apply  sh running fixed per-address routing commands, one process per line
+                  (baseline_commands: what the tool did before routing model v2)
+  baseline flush  sh running their removal the same way
+  own cmds        sh running the tool's own --dry-run / -f -n output, one process per line
+  route lookups   one `ip -batch` of --lookups `route get DST from ENI-ADDRESS`, without
+                  the tool applied and with it
 
-and, outside any lab, `python -c pass` (the interpreter's floor) and the tool's
---version. Every baseline apply is checked to leave what the tool would (the
-tool's --dry-run must then say "in sync") and every flush to leave nothing.
+It also counts the rules and routes of protocol 231 after an apply, and the peak
+memory (max RSS, wait4) of each kind of run; and, outside any lab, `python -c
+pass` (the interpreter's floor) and the tool's --version. Every step is checked:
+the tool's output line, the own commands leave what the tool would (its
+--dry-run then says "in sync"), every flush leaves nothing.
 
 Nothing is changed in this machine's own network namespace: every `ip` the bench
 runs itself carries `-n <lab namespace>`, and the timed runs happen in a worker
 started with `ip netns exec` that refuses to run in the initial namespace.
-Addresses come only from 198.18.0.0/15. Python standard library only.
+Addresses come only from 198.18.0.0/15 (lookups also name 203.0.113.0/24 and
+198.51.100.0/24 as destinations; nothing is sent). Python standard library only.
 """
 
 import argparse
