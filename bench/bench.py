@@ -1120,7 +1120,8 @@ def main(argv=None):
             print_profile(r["profile"], r["size"])
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": machine, "tool": identity, "repeat": args.repeat, "floors": floor,
+            json.dump({"machine": machine, "tool": identity, "repeat": args.repeat, "quick": args.quick,
+                       "lookups": args.lookups, "floors": floor,
                        "fixed_cost": {"ms": fixed, "what": fixed_label},
                        "sizes": results, "targets": targets}, handle, indent=1)
         print("\nwrote %s" % args.json)
