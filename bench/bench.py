@@ -428,142 +428,163 @@ def peak_rss(py, argv, work, expect=(0,)):
         return int(handle.read().split()[0]), out
 
 
-def worker(spec):
-    own_ns = netns_inode("/proc/self/ns/net")
-    if own_ns == spec["outer_netns"] or own_ns != netns_inode("/run/netns/" + spec["netns"]):
-        raise BenchError("worker is not inside the lab namespace %s: refusing" % spec["netns"])
-    py, tool, repeat, work = spec["python"], spec["tool"], spec["repeat"], spec["workdir"]
-    interfaces, per_eni = spec["interfaces"], spec["addresses"]
-    enis = len(interfaces)
-    addresses_of = lambda k: ["%s.%d" % (subnet_of(k), FIRST_HOST + j) for j in range(per_eni)]
-    state = ["--state-dir", os.path.join(work, "state")]
-    base = [py, tool] + [w for dev in interfaces for w in ("-i", dev)] + ["--no-imds"] + state
-    imds_run = [py, tool] + state  # as on an instance: the ENIs IMDS lists
-    applied = "applied:" if enis > 1 else "nothing to do"  # one ENI: no policy routing
-    in_sync = "in sync" if enis > 1 else "nothing to do"
-    flushed = "flushed:"
+class Worker:
+    """The runs of one size, inside the lab namespace: commands, checks, figures."""
 
-    def clean_check(what):
-        _, out = timed(base + ["-f", "-n"])
-        expect_prefix(out, "in sync", what + ": something of the tool's is left")
+    def __init__(self, spec):
+        own_ns = netns_inode("/proc/self/ns/net")
+        if own_ns == spec["outer_netns"] or own_ns != netns_inode("/run/netns/" + spec["netns"]):
+            raise BenchError("worker is not inside the lab namespace %s: refusing" % spec["netns"])
+        self.spec = spec
+        self.py, self.tool, self.work = spec["python"], spec["tool"], spec["workdir"]
+        self.interfaces, self.per_eni = spec["interfaces"], spec["addresses"]
+        state = ["--state-dir", os.path.join(self.work, "state")]
+        self.base = ([self.py, self.tool] + [w for dev in self.interfaces for w in ("-i", dev)]
+                     + ["--no-imds"] + state)
+        self.imds_run = [self.py, self.tool] + state  # as on an instance: the ENIs IMDS lists
+        multi = len(self.interfaces) > 1  # one ENI: no policy routing
+        self.applied = "applied:" if multi else "nothing to do"
+        self.in_sync = "in sync" if multi else "nothing to do"
+        self.flushed = "flushed:"
+        self.scripts = {}
+
+    def addresses_of(self, k):
+        return ["%s.%d" % (subnet_of(k), FIRST_HOST + j) for j in range(self.per_eni)]
+
+    def run(self, argv, prefix, what):
+        """(ms, stdout) of one run whose output must start with prefix."""
+        ms, out = timed(argv)
+        expect_prefix(out, prefix, what)
+        return ms, out
+
+    def clean_check(self, what):
+        self.run(self.base + ["-f", "-n"], "in sync", what + ": something of the tool's is left")
         left = rule_counts()
         if left["ipv4"] or left["ipv6"]:
             raise BenchError("%s: rules of protocol 231 are left: %s" % (what, left))
 
-    def imds_requests():
-        with open(spec["imds_log"]) as handle:
+    def imds_requests(self):
+        with open(self.spec["imds_log"]) as handle:
             return sum(1 for _ in handle)
 
-    rp_filter = {}
-    for dev in interfaces:
-        with open("/proc/sys/net/ipv4/conf/%s/rp_filter" % dev) as handle:
-            rp_filter[dev] = handle.read().strip()
-    clean_check("before the first run")
-    apply_lines = dry_lines(timed(base + ["-n"])[1])
-    # Warm-up round (caches), and the flush commands the tool would run.
-    expect_prefix(timed(base)[1], applied, "warm-up apply")
-    if enis > 1:
-        timed(base + ["--status"], expect=(0,))
-    flush_lines = dry_lines(timed(base + ["-f", "-n"])[1])
-    expect_prefix(timed(base)[1], in_sync, "warm-up re-apply")
-    expect_prefix(timed(base + ["-f"])[1], flushed, "warm-up flush")
-    clean_check("after the warm-up flush")
-    # The same with IMDS answering; its apply must leave what -i leaves.
-    expect_prefix(timed(imds_run)[1], applied, "warm-up apply with IMDS")
-    expect_prefix(timed(base + ["-n"])[1], "in sync", "after the apply with IMDS, the tool with -i")
-    expect_prefix(timed(imds_run)[1], in_sync, "warm-up re-apply with IMDS")
-    expect_prefix(timed(base + ["-f"])[1], flushed, "warm-up flush after IMDS")
-    clean_check("after the warm-up with IMDS")
+    def warm_up(self):
+        """Untimed rounds (caches); the tool's own apply and flush commands."""
+        base = self.base
+        self.clean_check("before the first run")
+        apply_lines = dry_lines(timed(base + ["-n"])[1])
+        self.run(base, self.applied, "warm-up apply")
+        if len(self.interfaces) > 1:
+            timed(base + ["--status"], expect=(0,))
+        flush_lines = dry_lines(timed(base + ["-f", "-n"])[1])
+        self.run(base, self.in_sync, "warm-up re-apply")
+        self.run(base + ["-f"], self.flushed, "warm-up flush")
+        self.clean_check("after the warm-up flush")
+        # The same with IMDS answering; its apply must leave what -i leaves.
+        self.run(self.imds_run, self.applied, "warm-up apply with IMDS")
+        self.run(base + ["-n"], "in sync", "after the apply with IMDS, the tool with -i")
+        self.run(self.imds_run, self.in_sync, "warm-up re-apply with IMDS")
+        self.run(base + ["-f"], self.flushed, "warm-up flush after IMDS")
+        self.clean_check("after the warm-up with IMDS")
+        return apply_lines, flush_lines
 
-    scripts = {}
-    base_apply, base_flush = baseline_commands(interfaces, addresses_of, rp_filter)
-    for name, lines in (("own-apply", apply_lines), ("own-flush", flush_lines),
-                        ("baseline-apply", base_apply), ("baseline-flush", base_flush)):
-        scripts[name] = os.path.join(work, name + ".sh")
-        write_script(scripts[name], lines)
-    baseline_rules = sum(1 for line in base_apply if line.startswith("ip -4 rule add "))
+    def write_scripts(self, apply_lines, flush_lines):
+        rp_filter = {}
+        for dev in self.interfaces:
+            with open("/proc/sys/net/ipv4/conf/%s/rp_filter" % dev) as handle:
+                rp_filter[dev] = handle.read().strip()
+        base_apply, base_flush = baseline_commands(self.interfaces, self.addresses_of, rp_filter)
+        for name, lines in (("own-apply", apply_lines), ("own-flush", flush_lines),
+                            ("baseline-apply", base_apply), ("baseline-flush", base_flush)):
+            self.scripts[name] = os.path.join(self.work, name + ".sh")
+            write_script(self.scripts[name], lines)
+        self.baseline_rules = sum(1 for line in base_apply if line.startswith("ip -4 rule add "))
+        return base_apply, base_flush
 
-    def own_round(samples):
+    def own_round(self, samples):
         """The tool's own commands, one process each; must leave what the tool would."""
-        ms, _ = timed(["sh", scripts["own-apply"]])
-        expect_prefix(timed(base + ["-n"])[1], "in sync", "after its commands one by one, the tool")
+        ms, _ = timed(["sh", self.scripts["own-apply"]])
+        self.run(self.base + ["-n"], "in sync", "after its commands one by one, the tool")
         samples["apply"].append(ms)
-        ms, _ = timed(["sh", scripts["own-flush"]])
-        clean_check("after its flush commands one by one")
+        ms, _ = timed(["sh", self.scripts["own-flush"]])
+        self.clean_check("after its flush commands one by one")
         samples["flush"].append(ms)
 
-    def baseline_round(samples):
-        ms, _ = timed(["sh", scripts["baseline-apply"]])
-        if rule_counts()["ipv4"] != baseline_rules:
-            raise BenchError("the baseline apply left %s rules, expected %d" % (rule_counts(), baseline_rules))
+    def baseline_round(self, samples):
+        ms, _ = timed(["sh", self.scripts["baseline-apply"]])
+        if rule_counts()["ipv4"] != self.baseline_rules:
+            raise BenchError("the baseline apply left %s rules, expected %d" % (rule_counts(), self.baseline_rules))
         samples["apply"].append(ms)
-        ms, _ = timed(["sh", scripts["baseline-flush"]])
-        clean_check("after the baseline flush")
+        ms, _ = timed(["sh", self.scripts["baseline-flush"]])
+        self.clean_check("after the baseline flush")
         samples["flush"].append(ms)
 
-    baseline_round({"apply": [], "flush": []})  # warm-up
-    own_round({"apply": [], "flush": []})
+    def prepare_lookups(self):
+        """The lookup batch (None with one ENI: no other ENI's subnet to ask for)."""
+        count = self.spec["lookups"] if len(self.interfaces) > 1 else 0
+        if not count:
+            return None
+        lines, sources = lookup_plan(self.interfaces, self.addresses_of, count)
+        batch = os.path.join(self.work, "lookups.batch")
+        with open(batch, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        lookups = lambda: run_lookups(batch, os.path.join(self.work, "lookups.out"), sources)
+        lookups()  # warm-up
+        return lookups
 
-    lookups = spec["lookups"] if enis > 1 else 0
-    if lookups:
-        batch_lines, sources = lookup_plan(interfaces, addresses_of, lookups)
-        batch_path, answers_path = os.path.join(work, "lookups.batch"), os.path.join(work, "lookups.out")
-        with open(batch_path, "w") as handle:
-            handle.write("\n".join(batch_lines) + "\n")
-        run_lookups(batch_path, answers_path, sources)  # warm-up
+    def timed_rounds(self, repeat, lookups):
+        tool = {"apply": [], "reapply": [], "flush": [], "dry_run": [], "imds_apply": [], "imds_reapply": []}
+        baseline, own = {"apply": [], "flush": []}, {"apply": [], "flush": []}
+        look = {"without": [], "with": []}
+        imds = {"apply": [], "reapply": []}
+        applied_counts = None
+        for _ in range(repeat):
+            if lookups:  # clean here: the cost without the tool
+                us, look["own_without"] = lookups()
+                look["without"].append(us)
+            tool["apply"].append(self.run(self.base, self.applied, "apply")[0])
+            if applied_counts is None:
+                applied_counts = {"rules": rule_counts(), "routes": route_counts()}
+            if lookups:
+                us, look["own_with"] = lookups()
+                look["with"].append(us)
+            tool["reapply"].append(self.run(self.base, self.in_sync, "re-apply")[0])
+            tool["flush"].append(self.run(self.base + ["-f"], self.flushed, "flush")[0])
+            tool["dry_run"].append(timed(self.base + ["-n"])[0])  # discover + plan + diff, from clean
+            for label, prefix in (("apply", self.applied), ("reapply", self.in_sync)):
+                before = self.imds_requests()
+                tool["imds_" + label].append(self.run(self.imds_run, prefix, label + " with IMDS")[0])
+                imds[label].append(self.imds_requests() - before)
+            self.run(self.base + ["-f"], self.flushed, "flush after IMDS")
+            self.own_round(own)
+            self.baseline_round(baseline)
+        self.clean_check("at the end")
+        return tool, baseline, own, look, imds, applied_counts
 
-    tool_s = {"apply": [], "reapply": [], "flush": [], "dry_run": [], "imds_apply": [], "imds_reapply": []}
-    base_s, own_s = {"apply": [], "flush": []}, {"apply": [], "flush": []}
-    look = {"without": [], "with": [], "own_without": None, "own_with": None}
-    imds_counts = {"apply": [], "reapply": []}
-    applied_counts = None
-    for _ in range(repeat):
-        if lookups:  # clean here: the cost without the tool
-            us, own = run_lookups(batch_path, answers_path, sources)
-            look["without"].append(us)
-            look["own_without"] = own
-        ms, out = timed(base)
-        expect_prefix(out, applied, "apply")
-        tool_s["apply"].append(ms)
-        if applied_counts is None:
-            applied_counts = {"rules": rule_counts(), "routes": route_counts()}
-        if lookups:
-            us, own = run_lookups(batch_path, answers_path, sources)
-            look["with"].append(us)
-            look["own_with"] = own
-        ms, out = timed(base)
-        expect_prefix(out, in_sync, "re-apply")
-        tool_s["reapply"].append(ms)
-        ms, out = timed(base + ["-f"])
-        expect_prefix(out, flushed, "flush")
-        tool_s["flush"].append(ms)
-        ms, _ = timed(base + ["-n"])  # discover + plan + diff only, from clean
-        tool_s["dry_run"].append(ms)
-        for label in ("apply", "reapply"):
-            before = imds_requests()
-            ms, out = timed(imds_run)
-            expect_prefix(out, applied if label == "apply" else in_sync, label + " with IMDS")
-            tool_s["imds_" + label].append(ms)
-            imds_counts[label].append(imds_requests() - before)
-        expect_prefix(timed(base + ["-f"])[1], flushed, "flush after IMDS")
-        own_round(own_s)
-        baseline_round(base_s)
-    clean_check("at the end")
+    def memory(self):
+        """Max RSS (MiB) of each kind of run, untimed, through the launcher."""
+        py, base, imds_run = self.py, self.base, self.imds_run
+        kib = {"python -c pass": peak_rss(py, [py, "-c", "pass"], self.work)[0],
+               "tool --version": peak_rss(py, [py, self.tool, "--version"], self.work)[0]}
+        runs = (("apply", base, self.applied), ("reapply", base, self.in_sync),
+                ("flush", base + ["-f"], self.flushed), ("imds_apply", imds_run, self.applied),
+                ("imds_reapply", imds_run, self.in_sync), ("imds_flush", imds_run + ["-f"], self.flushed))
+        for label, argv, prefix in runs:
+            kib[label], out = peak_rss(py, argv, self.work)
+            expect_prefix(out, prefix, label + " (memory)")
+        self.clean_check("after the memory runs")
+        mib = {k: v / 1024.0 for k, v in kib.items()}
+        mib["peak_run"] = max(mib[label] for label, _, _ in runs)
+        return mib
 
-    # Peak memory, untimed runs through the launcher.
-    memory = {"python -c pass": peak_rss(py, [py, "-c", "pass"], work)[0],
-              "tool --version": peak_rss(py, [py, tool, "--version"], work)[0]}
-    for label, argv, prefix in (("apply", base, applied), ("reapply", base, in_sync),
-                                ("flush", base + ["-f"], flushed), ("imds_apply", imds_run, applied),
-                                ("imds_reapply", imds_run, in_sync), ("imds_flush", imds_run + ["-f"], flushed)):
-        kib, out = peak_rss(py, argv, work)
-        expect_prefix(out, prefix, label + " (memory)")
-        memory[label] = kib
-    clean_check("after the memory runs")
-    runs = [k for k in memory if not k.startswith(("python", "tool --"))]
-    memory_mib = {k: v / 1024.0 for k, v in memory.items()}
-    memory_mib["peak_run"] = max(memory_mib[k] for k in runs)
 
+def worker(spec):
+    w = Worker(spec)
+    apply_lines, flush_lines = w.warm_up()
+    base_apply, base_flush = w.write_scripts(apply_lines, flush_lines)
+    w.baseline_round({"apply": [], "flush": []})  # warm-up
+    w.own_round({"apply": [], "flush": []})
+    lookups = w.prepare_lookups()
+    tool, baseline, own, look, imds, applied_counts = w.timed_rounds(spec["repeat"], lookups)
     counts = {
         "rules": sum(1 for l in apply_lines if re.match(r"^ip -[46] rule add ", l)),
         "routes": sum(1 for l in apply_lines if re.match(r"^ip -[46] route (add|replace) ", l)),
@@ -578,22 +599,22 @@ def worker(spec):
         "applied_routes": applied_counts["routes"],
     }
     result = {"counts": counts,
-              "tool": {k: summary(v) for k, v in tool_s.items()},
-              "baseline": {k: summary(v) for k, v in base_s.items()},
-              "own_commands": {k: summary(v) for k, v in own_s.items()},
-              "imds_requests": {k: statistics.median(v) for k, v in imds_counts.items()},
-              "memory_mib": memory_mib,
+              "tool": {k: summary(v) for k, v in tool.items()},
+              "baseline": {k: summary(v) for k, v in baseline.items()},
+              "own_commands": {k: summary(v) for k, v in own.items()},
+              "imds_requests": {k: statistics.median(v) for k, v in imds.items()},
+              "memory_mib": w.memory(),
               "lookups": None}
     if lookups:
-        half = {"outside": (lookups + 1) // 2, "other_subnet": lookups // 2}
+        count = spec["lookups"]
         result["lookups"] = {
-            "count": lookups, "per_kind": half,
+            "count": count, "per_kind": {"outside": (count + 1) // 2, "other_subnet": count // 2},
             "without_us": summary(look["without"]), "with_us": summary(look["with"]),
             "ratio": statistics.median(look["with"]) / statistics.median(look["without"]),
             "own_eni_without": look["own_without"], "own_eni_with": look["own_with"]}
     if spec.get("profile"):
-        result["profile"] = profile(spec, base, work)
-        clean_check("after profiling")
+        result["profile"] = profile(spec, w.base, w.work)
+        w.clean_check("after profiling")
     return result
 
 
