@@ -219,7 +219,7 @@ def test_sd_notify_without_systemd_does_nothing(monkeypatch):
 def test_a_failing_converge_is_reported_and_scheduled_never_raised(monkeypatch, notify_socket, capsys):
     outcomes = [mer.ToolError("ip exited 2: RTNETLINK answers: No such device"), RuntimeError("a bug")]
 
-    def execute(args, started, report=None):
+    def execute(args, started, fail_after=0, report=None):
         raise outcomes.pop(0)
 
     monkeypatch.setattr(mer, "execute", execute)
