@@ -1905,8 +1905,11 @@ class Watcher:
 
     def print_line(self, line, error=False):
         stream = sys.stderr if error else sys.stdout
-        stream.write("%s%s\n" % ("%s: error: " % PROG if error else "", line))
-        stream.flush()
+        try:
+            stream.write("%s%s\n" % ("%s: error: " % PROG if error else "", line))
+            stream.flush()
+        except (OSError, ValueError):  # the journal gone for a moment: keep watching
+            pass
 
     def on_stop_signal(self, signum, frame):
         if self.stop_requested:  # a second signal: the first is being handled
