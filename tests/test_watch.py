@@ -701,3 +701,22 @@ def test_as_a_daemon_a_pid_file_it_cannot_write_is_one_line_and_exit_1(make_lab)
         "multi-eni-routing: error: cannot write the pid file %s: No such file or directory" % pidfile]
     wait_for(lambda: _run(["ip", "netns", "pids", lab.instance]).stdout.split() == [], 5,
              what="no process left in the instance namespace")
+
+
+def test_as_a_daemon_a_failed_first_apply_is_its_exit_code_and_the_daemon_retries(make_lab):
+    lab = make_lab()
+    pidfile = os.path.join(lab.tmpdir, "watch.pid")
+    daemon_pid = None
+    try:
+        result = lab.run_tool("--watch", "--daemon", "--pidfile", pidfile,
+                              env={"MULTI_ENI_ROUTING_FAIL_AFTER": "1"}, timeout=30)
+        assert result.rc == mer.EXIT_FAILURE
+        assert result.stderr.strip().splitlines()[-1].startswith("multi-eni-routing: error: apply failed: ")
+        daemon_pid = int(Path(pidfile).read_text())
+        assert os.path.exists("/proc/%d" % daemon_pid)  # it stays, and retries with backoff
+        os.kill(daemon_pid, signal.SIGTERM)
+        wait_for(lambda: not os.path.exists(pidfile), 5, what="the daemon gone, its pid file too")
+    finally:
+        if daemon_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon_pid, signal.SIGKILL)
