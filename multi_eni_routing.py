@@ -711,16 +711,17 @@ def fetch_imds_eni(client, mac, is_primary):
     def field(name):  # a listed key that 404s is late: asked again while time is left
         return client.get(base + name, missing_ok=False, retry_missing=True) if name in keys else None
 
+    card = field("network-card")  # listed on multi-card instance types only
+    card = 0 if card is None else parse_int(card, "network-card")
+    # Device 0 of card 0 is the primary's; every other card has a device 0 of its own.
     device_number = parse_int(field("device-number"), "device-number")
-    while device_number == 0 and not is_primary and client.remaining() > 0.1:
+    while device_number == 0 and card == 0 and not is_primary and client.remaining() > 0.1:
         time.sleep(0.1)  # a just-attached ENI reports 0 before its real number
         device_number = parse_int(field("device-number"), "device-number")
-    if device_number == 0 and not is_primary:
+    if device_number == 0 and card == 0 and not is_primary:
         raise ImdsError("%s: device-number stays 0 for a secondary ENI" % mac)
-    card = field("network-card")  # listed on multi-card instance types only
     return ImdsEni(
-        mac=mac, device_number=device_number,
-        network_card=0 if card is None else parse_int(card, "network-card"),
+        mac=mac, device_number=device_number, network_card=card,
         interface_id=(field("interface-id") or "").strip(),
         families={family: imds_family(field, family) for family in FAMILY_KEYS})
 

@@ -617,3 +617,45 @@ def test_an_imds_answer_without_the_addresses_the_eni_has_removes_none_the_tool_
     ours = frozenset([mer.Address("eth0", "198.51.100.11/32")])
     eth0 = mer.select_enis(system, imds, owned_addresses=ours)[0]
     assert v4(eth0).added == ("198.51.100.11",)
+
+
+# -- The recorded instances of issue 7. -----------------------------------------------
+
+def test_multi_card_enis_get_dense_slots_within_every_range():
+    enis = enis_of("multi-card")
+    assert [(e.name, e.network_card, e.device_number, e.slot, mer.table_of(e)) for e in enis] == [
+        ("eth0", 0, 0, 0, 22000), ("eth1", 0, 1, 1, 22001), ("eth2", 4, 0, 2, 22002),
+        ("eth3", 10, 0, 3, 22003), ("eth4", 31, 0, 4, 22004)]
+    rules = mer.plan(enis).rules
+    assert max(r.priority for r in rules) == mer.PRIO_SOURCE + 4 <= mer.PRIO_LAST
+    assert {r.fwmark for r in rules if r.fwmark} == {"0x%d00/0x3f00" % n for n in range(1, 6)}
+
+
+def test_an_ipv6_only_eni_is_routed_for_ipv6_only():
+    desired = mer.plan(enis_of("ipv6-only-eni"))
+    assert {(r.family, r.table) for r in desired.rules if r.src} == {(4, 22000), (6, 22000), (6, 22001)}
+    assert list(desired.sysctls) == ["net/ipv4/conf/eth0/rp_filter"]
+
+
+def test_vpc_cni_pod_addresses_are_neither_added_nor_given_rules():
+    enis = {e.name: e for e in enis_of("vpc-cni-node")}
+    assert v4(enis["eth1"]).added == () and v4(enis["eth0"]).added == ()
+    assert {a for a, _ in v4(enis["eth1"]).refused} == {"203.0.113.20", "203.0.113.21"}
+    assert all(why.startswith(("main routes it to eni", "rule ")) for _, why in v4(enis["eth1"]).refused)
+    desired = mer.plan(list(enis.values()))
+    assert not desired.addresses
+    assert not any(r.src and r.src.startswith("203.0.113.2") for r in desired.rules)
+
+
+def test_mixed_subnets_choose_by_subnet_where_one_eni_owns_it_and_by_address_elsewhere():
+    sources = {(r.src, r.iif, r.table) for r in mer.plan(enis_of("mixed-subnets")).rules if r.src}
+    assert sources == {
+        ("198.51.100.10/32", None, 22000),  # 198.51.100.0/24 is eth0's and eth1's
+        ("198.51.100.20/32", None, 22001), ("198.51.100.21/32", None, 22001),
+        ("203.0.113.0/25", "lo", 22002), ("203.0.113.48/28", None, 22002),  # a delegated prefix: any iif
+        ("203.0.113.128/25", "lo", 22003), ("198.18.7.7/32", None, 22003)}  # outside eth3's subnet
+
+
+def test_an_interface_named_with_a_hash_is_never_routed(capsys):
+    assert [e.name for e in enis_of("hash-name")] == ["eth0"]
+    assert "'d#x' is not a name the tool can route safely" in capsys.readouterr().err
