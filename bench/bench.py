@@ -665,11 +665,11 @@ with open(out_path, "w") as handle:
                "commands": calls}, handle)
 sys.exit(rc)
 '''
-DRIVER_NAMES = ["parse_args", "find_programs", "take_lock", "read_system", "run_all", "run", "load_json",
+DRIVER_NAMES = ["parse_args", "find_programs", "take_lock", "read_outputs", "run_together", "run", "load_json",
                 "parse_links", "parse_rules", "parse_routes", "parse_mangle", "read_sysfs", "netns_id",
-                "load_record", "save_record", "owned_state", "desired_state", "select_enis", "plan",
-                "diff", "read_sysctls", "render", "apply_changes", "restore", "write_sysctls",
-                "summarize"]
+                "load_record", "live_record", "save_record", "owned_state", "desired_state", "discover_imds",
+                "select_enis", "plan", "diff", "read_sysctls", "render", "apply_changes", "write_sysctls",
+                "summary"]
 
 
 # cProfile of one run. Not `python -m cProfile`: the tool ends with os._exit,
