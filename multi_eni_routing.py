@@ -1453,6 +1453,24 @@ def remembered_slots(record, enis):
     return slots
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class stop_signals_held:  # noqa: N801 (a context manager, used like a function)
+    """SIGTERM and SIGINT wait while the system is being changed: a stop comes
+    after the apply, its verification and any roll back, never half way."""
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        else:
+            self.held = None
+
+    def __exit__(self, *exc):
+        if self.held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.held)
+
+
 class Run:
     """One converge run: reads the system, applies, verifies, rolls back."""
 
@@ -1483,17 +1501,18 @@ class Run:
                         unchanged_from=record)
             return changes
         merged = merge_record(record, desired, changes, enis)
-        save_record(self.state_file, merged)
-        try:
-            apply_changes(self.programs, changes, self.fail_after)
-            now = owned_state(self.read(sources_touched(changes)), merged)
-            left = self.changes(desired, now, merged)
-            if not is_empty(left):
-                raise ToolError("verification failed: still pending: %s" % render(left)[0])
-        except (ToolError, OSError) as exc:
-            self.roll_back(owned, record, merged, changes)
-            raise ToolError("%s; rolled back to the state before the run" % exc)
-        save_record(self.state_file, final_record(merged, desired, enis))
+        with stop_signals_held():
+            save_record(self.state_file, merged)
+            try:
+                apply_changes(self.programs, changes, self.fail_after)
+                now = owned_state(self.read(sources_touched(changes)), merged)
+                left = self.changes(desired, now, merged)
+                if not is_empty(left):
+                    raise ToolError("verification failed: still pending: %s" % render(left)[0])
+            except (ToolError, OSError) as exc:
+                self.roll_back(owned, record, merged, changes)
+                raise ToolError("%s; rolled back to the state before the run" % exc)
+            save_record(self.state_file, final_record(merged, desired, enis))
         return changes
 
     def roll_back(self, before, record, merged, changes):
@@ -1628,7 +1647,6 @@ WATCH_QUIET = 0.25  # a burst of events has ended when none came for this long
 WATCH_MAX_DELAY = 1.0  # ... or at the latest this long after its first event
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0  # retry of a failed converge: 1, 2, 4 .. 60 s
 REFRESH_DEFAULT = 60.0
-STOP_SIGNALS = ("SIGTERM", "SIGINT")
 # The first apply's failures that no retry can mend: the watcher exits with them
 # (a daemon's parent too, and no child stays).
 FATAL_EXIT_CODES = (EXIT_USAGE, EXIT_NOT_ROOT, EXIT_MISSING_PROGRAM)
@@ -1883,16 +1901,6 @@ class Stopped(BaseException):
     """SIGTERM or SIGINT: leave the loop (not an Exception: nothing swallows it)."""
 
 
-def changing_system(frame):
-    """Whether the interrupted code is applying (Run.converge, which verifies
-    and rolls back): a stop then waits for it, so nothing is left half done."""
-    while frame is not None:
-        if frame.f_code is Run.converge.__code__:
-            return True
-        frame = frame.f_back
-    return False
-
-
 class Watcher:
     """The loop: converge, wait for events or the next refresh, converge again."""
 
@@ -1916,8 +1924,7 @@ class Watcher:
         if self.stop_requested:  # a second signal: the first is being handled
             return
         self.stop_requested = True
-        if not changing_system(frame):
-            raise Stopped()
+        raise Stopped()  # never while applying: Run.converge holds these signals
 
     def converge(self, schedule, first=False):
         """One converge; its exit code. Failures are logged and scheduled for a
@@ -1950,7 +1957,7 @@ class Watcher:
 
     def run(self):
         """Apply, then watch until stopped; the exit code."""
-        previous = {name: signal.signal(getattr(signal, name), self.on_stop_signal) for name in STOP_SIGNALS}
+        previous = {signum: signal.signal(signum, self.on_stop_signal) for signum in STOP_SIGNALS}
         events = pidfile = None
         try:
             try:
@@ -1976,8 +1983,8 @@ class Watcher:
                 events.close()
             if pidfile:
                 remove_pidfile(pidfile)
-            for name, handler in previous.items():
-                signal.signal(getattr(signal, name), handler)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         sd_notify("STOPPING=1")
         log.info("stopped; the routing stays applied")
         return EXIT_OK
