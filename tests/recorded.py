@@ -42,7 +42,9 @@ class RecordedImds:
         pass
 
     def remaining(self):
-        return 1.0
+        # A recording never changes: no time for retries (the old tool spun forever
+        # on a device-number 0 of card 4 while this said 1.0).
+        return 0.0
 
     def get(self, path, missing_ok=True, retry_missing=False):
         if path == "mac":
