@@ -855,10 +855,12 @@ class Lab:
         self.serve(ns, ECHO_PORT)
         return ns
 
-    def attach_eni(self, addresses=1):
-        """Hot-plug one more ENI (next device number, in subnet A)."""
-        index = max(e.device_number for e in self.enis) + 1
-        eni = plan_eni(index, addresses, True, self.ipv6, self.names)
+    def attach_eni(self, addresses=1, eni=None):
+        """Hot-plug one more ENI (next device number, in subnet A), or ENI
+        again after detach_eni (same name and MAC, a new interface)."""
+        if eni is None:
+            index = max(e.device_number for e in self.enis) + 1
+            eni = plan_eni(index, addresses, True, self.ipv6, self.names)
         self.enis.append(eni)
         self.ip(self.router, *self._router_port_commands(eni))
         self._answer_arp_at_once([eni.port])
