@@ -205,8 +205,9 @@ class UdpClient:
 
 
 @needs_v2
-def test_udp_flow_tracked_before_the_first_apply_gets_its_replies(make_lab):
-    lab = make_lab(enis=2, container=True)
+@pytest.mark.parametrize("rp_filter", [0, 2], ids=["rp_filter=0", "rp_filter=2"])
+def test_udp_flow_tracked_before_the_first_apply_gets_its_replies(make_lab, rp_filter):
+    lab = make_lab(enis=2, container=True, rp_filter=rp_filter)
     published = lab.dnat_address  # eth1's secondary
     lab.iptables_restore(lab.instance, "\n".join([
         "*nat",
