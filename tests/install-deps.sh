@@ -4,7 +4,7 @@
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 missing=""
-for pkg in iproute2 iptables conntrack iputils-ping shellcheck systemd udev; do
+for pkg in iproute2 iptables conntrack iputils-ping shellcheck systemd udev docker.io busybox-static; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then
