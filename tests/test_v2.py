@@ -1,10 +1,9 @@
 """Lab scenarios for issue 7 (routing model v2), one per defect.
 
-Each test first shows the failure without the fix (without the tool, or what
-the old tool's behaviour would be measured by), then asserts the fixed
-behaviour. Tests marked `needs_v2` fail against the old model (xfail, strict):
-the lead removes the marker once model v2 is in main. `pytest --runxfail`
-shows where the old tool fails.
+Each test first shows the failure without the fix (without the tool, or the
+measure by which the old tool failed), then asserts the fixed behaviour.
+Against the old model (before the merge of v2) every test here but the NAT
+instance's failed at its assertion on the fixed behaviour.
 Needs root; builds namespaces named mer-<id>-*.
 """
 
@@ -21,11 +20,6 @@ from lab import (CLIENT4, CONTAINER4, DNAT_PORT, ECHO_PORT, VPN_HOST, Reach, net
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="builds network namespaces, veths and iptables rules: run as root")
-
-# Remove once model v2 (issue 7) is merged: until then these tests fail on
-# the assertion about the fixed behaviour.
-needs_v2 = pytest.mark.xfail(strict=True, raises=AssertionError,
-                             reason="issue 7: routing model v2 not in main yet")
 
 BOTH = Reach(icmp=True, tcp=True)
 NEITHER = Reach(icmp=False, tcp=False)
@@ -67,7 +61,6 @@ def sysctl_value(lab, key):
 
 # -- 1. rules scale with ENIs, not addresses ----------------------------------------
 
-@needs_v2
 def test_rules_scale_with_enis_and_a_new_address_answers_at_once(make_lab):
     lab = make_lab(enis=3, addresses=20, subnets="distinct")
     eth1 = lab.enis[1]
@@ -94,7 +87,6 @@ def test_rules_scale_with_enis_and_a_new_address_answers_at_once(make_lab):
 RESOLVER = "198.18.53.53"  # outside every ENI subnet, like a VPC resolver networkd routes to
 
 
-@needs_v2
 def test_main_host_route_via_eth0_does_not_take_eth1s_traffic(make_lab):
     lab = make_lab(enis=2, admin_link=True)
     eth0, eth1 = lab.enis
@@ -125,7 +117,6 @@ BACKEND = "198.51.100.50"  # in eth0's subnet, reached through eth0
 FORWARDED_PORT = 9000
 
 
-@needs_v2
 def test_dnat_to_a_backend_behind_eth0_replies_through_eth1(make_lab):
     lab = make_lab(enis=2)
     eth0, eth1 = lab.enis
@@ -204,7 +195,6 @@ class UdpClient:
         self.sock.close()
 
 
-@needs_v2
 @pytest.mark.parametrize("rp_filter", [0, 2], ids=["rp_filter=0", "rp_filter=2"])
 def test_udp_flow_tracked_before_the_first_apply_gets_its_replies(make_lab, rp_filter):
     lab = make_lab(enis=2, container=True, rp_filter=rp_filter)
@@ -252,7 +242,6 @@ def send_marked(lab, mark, count=5):
             sock.sendto(b"marked", (CLIENT4, 9999))
 
 
-@needs_v2
 def test_a_foreign_socket_mark_is_not_rewritten(make_lab):
     lab = make_lab(enis=2)
     lab.iptables_restore(lab.instance, "\n".join([
@@ -274,7 +263,6 @@ POD = "203.0.113.20"
 POD_PORT = 5050  # only the pod listens here: the host's answer would be a refusal
 
 
-@needs_v2
 def test_vpc_cni_pod_address_is_not_added_and_the_pod_keeps_answering(make_lab):
     lab = make_lab(enis=2)
     eth1 = lab.enis[1]
@@ -301,7 +289,6 @@ def test_vpc_cni_pod_address_is_not_added_and_the_pod_keeps_answering(make_lab):
 CARDS = [(0, 0), (0, 1), (4, 0), (10, 0), (31, 0)]
 
 
-@needs_v2
 def test_multi_card_instance_applies_answers_and_flushes_clean(make_lab):
     lab = make_lab(enis=5, addresses=1, subnets="distinct", cards=CARDS)
     before = lab.snapshot()
@@ -320,7 +307,6 @@ def test_multi_card_instance_applies_answers_and_flushes_clean(make_lab):
 
 # -- 8. an IPv6 default goes when its router goes -------------------------------------
 
-@needs_v2
 def test_ipv6_default_leaves_the_eni_table_when_the_router_goes(make_lab):
     lab = make_lab(enis=2)
     applied(lab)
@@ -341,7 +327,6 @@ def test_ipv6_default_leaves_the_eni_table_when_the_router_goes(make_lab):
 ODD_NAME = "d#x"
 
 
-@needs_v2
 def test_an_eni_named_with_a_hash_is_refused(make_lab):
     lab = make_lab(enis=2)
     eth0 = lab.enis[0]
@@ -368,7 +353,6 @@ def test_an_eni_named_with_a_hash_is_refused(make_lab):
 
 # -- 11. the state record of an interface that is gone -------------------------------------
 
-@needs_v2
 def test_a_reattached_eni_does_not_inherit_the_gone_interfaces_record(make_lab):
     """eth1 goes and comes back as a new interface (new ifindex) whose
     rp_filter is 1; flush must give it back 1, not the gone eth1's 0."""
