@@ -361,6 +361,9 @@ def test_a_reattached_eni_does_not_inherit_the_gone_interfaces_record(make_lab):
     assert sysctl_value(lab, "net.ipv4.conf.eth1.rp_filter") == "0"
     applied(lab)
     assert sysctl_value(lab, "net.ipv4.conf.eth1.rp_filter") == "2"
+    # one record per namespace, named by the namespace's own inode (not PID 1's)
+    inode = os.stat("/run/netns/" + lab.instance).st_ino
+    assert "state-netns-%d.json" % inode in os.listdir(lab.state_dir), os.listdir(lab.state_dir)
     old_index = lab.run(lab.instance, "cat", "/sys/class/net/eth1/ifindex").stdout
     lab.detach_eni(eth1)
     lab.attach_eni(eni=eth1)
