@@ -123,10 +123,17 @@ class Eni:
     prefixes4: list = field(default_factory=list)  # delegated, e.g. a /28
     prefixes6: list = field(default_factory=list)  # delegated, e.g. a /80
     network_card: int = 0
+    index: int = -1  # position in the lab; numbers MACs where device numbers repeat (cards)
+    source_check: bool = True  # the VPC drops what it sends from addresses it does not own
+
+    @property
+    def number(self):
+        """Unique in the lab: the device number unless a multi-card plan set index."""
+        return self.index if self.index >= 0 else self.device_number
 
     @property
     def mac(self):
-        return "02:00:00:00:00:%02x" % (self.device_number + 1)
+        return "02:00:00:00:00:%02x" % (self.number + 1)
 
     @property
     def port(self):
@@ -135,7 +142,7 @@ class Eni:
 
     @property
     def port_mac(self):
-        return "02:00:00:00:01:%02x" % (self.device_number + 1)
+        return "02:00:00:00:01:%02x" % (self.number + 1)
 
     @property
     def gateway4(self):
@@ -143,7 +150,7 @@ class Eni:
 
     @property
     def interface_id(self):
-        return "eni-%017x" % (self.device_number + 1)
+        return "eni-%017x" % (self.number + 1)
 
     @property
     def owned(self):
@@ -151,16 +158,33 @@ class Eni:
         return [*self.addresses4, *self.prefixes4, *self.addresses6, *self.prefixes6]
 
 
-def plan_eni(index, addresses, same_subnet, ipv6, names):
+def distinct_subnets(index):
+    """Subnets of ENI INDEX when no two ENIs share one: eth1 in subnet B, the
+    others in /26es of 198.51.100.0/24 (eth0 .0/26, eth2 .64/26, ... eth4
+    .192/26) and 2001:db8:a:N::/64."""
+    if index == 1:
+        return SUBNET_B
+    quarter = 0 if index == 0 else index - 1
+    if quarter > 3:
+        raise LabError("distinct subnets: at most 5 ENIs")
+    return (ipaddress.ip_network("198.51.100.%d/26" % (64 * quarter)),
+            ipaddress.ip_network("2001:db8:a:%x::/64" % quarter))
+
+
+def plan_eni(index, addresses, same_subnet, ipv6, names, distinct=False):
     """ENI INDEX of the address plan.
 
     eth0 lives in 198.51.100.0/24 (.10, .11, ...), eth1 in 203.0.113.0/24
     (.10, ...) or, with same_subnet, in 198.51.100.0/24 (.20, ...); eth2 and
     later are in 198.51.100.0/24 (.30, .40, ...). IPv6 follows the same hosts.
+    distinct: every ENI in a subnet of its own (distinct_subnets), hosts .10 on.
     """
     in_b = index == 1 and not same_subnet
     subnet4, subnet6 = SUBNET_B if in_b else SUBNET_A
     first_host = 10 if in_b else 10 * (index + 1)
+    if distinct:
+        subnet4, subnet6 = distinct_subnets(index)
+        first_host = 10
     hosts = range(first_host, first_host + addresses)
     name = "eth%d" % index if names == "eth" else "ens%d" % (5 + index)
     return Eni(
@@ -474,16 +498,23 @@ class Lab:
     rp_filter:       value for net.ipv4.conf.{all,default}.rp_filter (1 = strict)
     ra_router:       the routers' link-local address, announced as IPv6 default
     names:           "eth" (eth0, eth1) or "ens" (ens5, ens6)
+    subnets:         "plan" (as above) or "distinct" (no two ENIs share a subnet)
+    cards:           [(network card, device number)] per ENI (multi-card
+                     instances; default: card 0, device = position)
     configure_secondaries: put secondary addresses on the interfaces (else only
                      IMDS knows them, as on a fresh Ubuntu instance)
     """
 
     def __init__(self, enis=2, addresses=2, same_subnet=False, ipv6=True, imds="v2",
                  container=False, dnat_address=None, admin_link=False, rp_filter=0,
-                 ra_router=RA_ROUTER, names="eth", configure_secondaries=True):
+                 ra_router=RA_ROUTER, names="eth", configure_secondaries=True,
+                 subnets="plan", cards=None):
         counts = [addresses] * enis if isinstance(addresses, int) else list(addresses)
         self.same_subnet, self.ipv6, self.names = same_subnet, ipv6, names
-        self.enis = [plan_eni(i, n, same_subnet, ipv6, names) for i, n in enumerate(counts)]
+        self.enis = [plan_eni(i, n, same_subnet, ipv6, names, distinct=(subnets == "distinct"))
+                     for i, n in enumerate(counts)]
+        for i, (card, device) in enumerate(cards or []):
+            self.enis[i].index, self.enis[i].network_card, self.enis[i].device_number = i, card, device
         self.rp_filter = rp_filter
         self.configure_secondaries = configure_secondaries
         self.ra_router = ra_router
@@ -657,7 +688,8 @@ class Lab:
             if v6:  # neighbour discovery and DAD use these
                 owned += ["fe80::/10", "::/128"]
             rules += ["-A %s -s %s -j RETURN" % (chain, a) for a in owned]
-            rules.append("-A %s -j DROP" % chain)
+            if eni.source_check:
+                rules.append("-A %s -j DROP" % chain)
         if self.imds.silent6 if v6 else self.imds.silent4:
             rules.append("-A PREROUTING -d %s -j DROP" % (IMDS6 if v6 else IMDS4))
         return "\n".join(lines + rules + ["COMMIT", ""])
@@ -692,7 +724,7 @@ class Lab:
             # what a router advertisement installs; the kernel refuses two
             # userspace defaults with one metric, so each ENI gets its own
             commands.append("-6 route add default via %s dev %s proto ra metric %d"
-                            % (self.ra_router, eni.name, 1024 + eni.device_number))
+                            % (self.ra_router, eni.name, 1024 + eni.number))
         return commands
 
     # -- client, peer, container, admin link --
@@ -789,10 +821,46 @@ class Lab:
         self.serve(pod, ECHO_PORT)
         return pod
 
-    def attach_eni(self, addresses=1):
-        """Hot-plug one more ENI (next device number, in subnet A)."""
-        index = max(e.device_number for e in self.enis) + 1
-        eni = plan_eni(index, addresses, True, self.ipv6, self.names)
+    def disable_source_check(self, eni):
+        """Turn the VPC's source/destination check off for ENI (NAT instances)."""
+        eni.source_check = False
+        self._apply_source_checks()
+
+    def add_internet_host(self, address):
+        """One more address "on the internet" (in the client namespace, whose
+        LineServer answers on it too), routed there by the VPC router."""
+        self.ip(self.client, "addr add %s/32 dev lo" % address)
+        self.ip(self.router, "route add %s via %s" % (address, CLIENT4))
+
+    def add_vpc_host(self, role, address, subnet_of, gateway_eni=None):
+        """A host in the VPC, in the subnet of ENI SUBNET_OF, behind its own
+        router port (like the peer) and serving ECHO_PORT. With GATEWAY_ENI its
+        subnet's route table sends 0/0 to that ENI (a NAT instance's private
+        host): the router forwards everything it sends elsewhere to the ENI."""
+        ns = self._ns(role)
+        self._add_namespace(ns)
+        port = "vpc-" + role
+        self.ip(self.router, "link add name %s type veth peer name %s0 netns %s" % (port, role, ns),
+                "link set %s up" % port, "addr add %s/32 dev %s" % (subnet_of.gateway4, port),
+                "route add %s/32 dev %s" % (address, port))
+        self._answer_arp_at_once([port])
+        self.ip(ns, "link set %s0 up" % role,
+                "addr add %s/%d dev %s0" % (address, subnet_of.subnet4.prefixlen, role),
+                "route add default via %s" % subnet_of.gateway4)
+        if gateway_eni:
+            table = 100 + len(self.namespaces)
+            self.ip(self.router, "route add default via %s dev %s table %d"
+                    % (gateway_eni.addresses4[0], gateway_eni.port, table),
+                    "rule add iif %s lookup %d" % (port, table))
+        self.serve(ns, ECHO_PORT)
+        return ns
+
+    def attach_eni(self, addresses=1, eni=None):
+        """Hot-plug one more ENI (next device number, in subnet A), or ENI
+        again after detach_eni (same name and MAC, a new interface)."""
+        if eni is None:
+            index = max(e.device_number for e in self.enis) + 1
+            eni = plan_eni(index, addresses, True, self.ipv6, self.names)
         self.enis.append(eni)
         self.ip(self.router, *self._router_port_commands(eni))
         self._answer_arp_at_once([eni.port])
