@@ -169,15 +169,18 @@ class UdpClient:
         self.sock = netns_socket(ns, socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.settimeout(0.2)
         self.sock.connect((address, port))
-        self.replies, self.stopped = 0, threading.Event()
+        self.sent, self.replies, self.stopped = 0, 0, threading.Event()
         self.interval = interval
-        threading.Thread(target=self._send, daemon=True).start()
-        threading.Thread(target=self._receive, daemon=True).start()
+        self.threads = [threading.Thread(target=self._send, daemon=True),
+                        threading.Thread(target=self._receive, daemon=True)]
+        for thread in self.threads:
+            thread.start()
 
     def _send(self):
         while not self.stopped.wait(self.interval):
             try:
                 self.sock.send(b"ping")
+                self.sent += 1
             except OSError:
                 pass  # an ICMP error reported on the socket; keep going
 
@@ -191,7 +194,8 @@ class UdpClient:
 
     def close(self):
         self.stopped.set()
-        time.sleep(0.3)
+        for thread in self.threads:  # the receiver wakes within its 0.2 s timeout
+            thread.join(timeout=2)
         self.sock.close()
 
 
@@ -210,7 +214,8 @@ def test_udp_flow_tracked_before_the_first_apply_gets_its_replies(make_lab, rp_f
     echo = UdpEcho(lab.container, 80)
     client = UdpClient(lab.client, published, DNAT_PORT)
     try:
-        time.sleep(1.5)  # long enough for tens of datagrams (and their lost replies)
+        # tens of datagrams sent, and the round trips of the first ones long over
+        assert eventually(lambda: client.sent >= 30), "the client does not send"
         assert client.replies == 0
         tracked = lab.run(lab.instance, "conntrack", "-L", "-p", "udp", "--orig-dst", published,
                           check=False).stdout
