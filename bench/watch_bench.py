@@ -40,7 +40,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from lab import TOOL, TOOL_PYTHON, Lab, _run  # noqa: E402
+from lab import TOOL, TOOL_PYTHON, Lab, _run, cpu_ticks, memory_kb  # noqa: E402
 
 TARGETS = {"readd_s": 3.0, "rule_deletion_s": 3.0, "attach_s": 5.0, "idle_cpu_s_per_10s": 0.5, "rss_mb": 40.0}
 POLL = 0.005
@@ -165,18 +165,8 @@ def measure_attach(lab, watcher, repeat, timeout=10):
     return samples
 
 
-def ticks(pid):
-    with open("/proc/%d/stat" % pid) as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return sum(int(value) for value in fields[11:15])
-
-
 def memory_mb(pid, key):
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+    return memory_kb(pid, key) / 1024.0
 
 
 def measure_idle(lab, seconds):
@@ -185,9 +175,9 @@ def measure_idle(lab, seconds):
         watcher.ready()
         watcher.settle()
         pid = watcher.process.pid
-        before = ticks(pid)
+        before = cpu_ticks(pid)
         converges = [m for m in watcher.messages(seconds) if m.startswith("STATUS=")]
-        cpu = (ticks(pid) - before) / os.sysconf("SC_CLK_TCK")
+        cpu = (cpu_ticks(pid) - before) / os.sysconf("SC_CLK_TCK")
         return {"seconds": seconds, "cpu_s": cpu, "cpu_s_per_10s": cpu * 10.0 / seconds,
                 "converges": len(converges), "vmhwm_mb": memory_mb(pid, "VmHWM"),
                 "vmrss_mb": memory_mb(pid, "VmRSS")}

@@ -1056,3 +1056,51 @@ def docker_rules(published_on):
         % (CONTAINER4, CONTAINER_PORT),
         "COMMIT", "",
     ])
+
+
+# --- what tests share: outcomes, the tool's markers, polling, /proc ----------------
+
+BOTH = Reach(icmp=True, tcp=True)
+NEITHER = Reach(icmp=False, tcp=False)
+# What the tool owns (docs/DESIGN.md): rules and routes of protocol 231, its
+# mangle chains and the jumps to them that carry its comment.
+TOOL_MARKERS = ("proto 231", "MULTI-ENI-", "multi-eni-routing")
+
+
+def applied(lab, *args):
+    """Run the tool, insist it succeeded, return its result."""
+    result = lab.run_tool(*args)
+    assert result.rc == 0, "tool %s failed: %r" % (" ".join(args) or "(apply)", result)
+    return result
+
+
+def tool_lines(snapshot):
+    """The snapshot lines that carry one of the tool's markers."""
+    return [line for text in snapshot.values() for line in text.splitlines()
+            if any(marker in line for marker in TOOL_MARKERS)]
+
+
+def eventually(condition, timeout=10.0, interval=0.1):
+    """Poll CONDITION until it is true or TIMEOUT passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def cpu_ticks(pid):
+    """utime + stime + cutime + cstime of a process (its programs included), in clock ticks."""
+    with open("/proc/%d/stat" % pid) as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15])
+
+
+def memory_kb(pid, key):
+    """A memory figure of /proc/PID/status (VmRSS, VmHWM), in kB."""
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise LabError("%s not in /proc/%d/status" % (key, pid))

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from docker_lab import Dockerd, DockerError, build_busybox_tar, docker_usable
-from lab import CLIENT4, ECHO_PORT, PEER4, tcp_answer
+from lab import CLIENT4, ECHO_PORT, PEER4, applied, tcp_answer
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="runs dockerd in network namespaces: run as root")
@@ -92,13 +92,6 @@ def host_leftovers(before, dockerd):
 
 
 # -- helpers ------------------------------------------------------------------------
-
-def applied(lab, *args):
-    """Run the tool, insist it succeeded, return its result."""
-    result = lab.run_tool(*args)
-    assert result.rc == 0, "tool %s failed: %r" % (" ".join(args) or "(apply)", result)
-    return result
-
 
 def wait_for(condition, what, timeout=15):
     """Poll CONDITION until it is true; fail naming WHAT after TIMEOUT seconds."""

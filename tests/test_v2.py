@@ -11,48 +11,22 @@ import os
 import re
 import socket
 import threading
-import time
 
 import pytest
 
-from lab import (CLIENT4, CONTAINER4, DNAT_PORT, ECHO_PORT, VPN_HOST, Reach, netns_socket,
-                 snapshot_diff, tcp_answer)
+from lab import (BOTH, CLIENT4, CONTAINER4, DNAT_PORT, ECHO_PORT, NEITHER, VPN_HOST, applied, eventually,
+                 netns_socket, snapshot_diff, tcp_answer, tool_lines)
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="builds network namespaces, veths and iptables rules: run as root")
 
-BOTH = Reach(icmp=True, tcp=True)
-NEITHER = Reach(icmp=False, tcp=False)
-TOOL_MARKERS = ("proto 231", "MULTI-ENI-", "multi-eni-routing")
 SO_MARK = getattr(socket, "SO_MARK", 36)
-
-
-def applied(lab, *args):
-    """Run the tool, insist it succeeded, return its result."""
-    result = lab.run_tool(*args)
-    assert result.rc == 0, "tool %s failed: %r" % (" ".join(args) or "(apply)", result)
-    return result
-
-
-def tool_lines(snapshot):
-    return [line for text in snapshot.values() for line in text.splitlines()
-            if any(marker in line for marker in TOOL_MARKERS)]
 
 
 def tool_rules(lab, family):
     """The tool's `ip rule` lines of one address family."""
     text = lab.run(lab.instance, "ip", "-%d" % family, "rule", "show").stdout
     return [line for line in text.splitlines() if "proto 231" in line]
-
-
-def eventually(condition, timeout=10.0, interval=0.1):
-    """Poll CONDITION until it is true or TIMEOUT passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def sysctl_value(lab, key):

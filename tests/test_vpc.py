@@ -13,31 +13,11 @@ import time
 
 import pytest
 
-from lab import (CLIENT4, CLIENT6, CONTAINER4, DNAT_PORT, PEER4, VPN_HOST,
-                 Reach, snapshot_diff, tcp_answer)
+from lab import (BOTH, CLIENT4, CLIENT6, CONTAINER4, DNAT_PORT, NEITHER, PEER4, TOOL_MARKERS, VPN_HOST,
+                 applied, snapshot_diff, tcp_answer, tool_lines)
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="builds network namespaces, veths and iptables rules: run as root")
-
-BOTH = Reach(icmp=True, tcp=True)
-NEITHER = Reach(icmp=False, tcp=False)
-# What the tool owns (docs/DESIGN.md): rules and routes of protocol 231, its
-# mangle chains and the jumps to them that carry its comment.
-TOOL_MARKERS = ("proto 231", "MULTI-ENI-", "multi-eni-routing")
-
-
-def applied(lab, *args):
-    """Run the tool, insist it succeeded, return its result."""
-    result = lab.run_tool(*args)
-    assert result.rc == 0, "tool %s failed: %r" % (" ".join(args) or "(apply)", result)
-    return result
-
-
-def tool_lines(snapshot):
-    """The snapshot lines that carry one of the tool's markers."""
-    return [line for text in snapshot.values() for line in text.splitlines()
-            if any(marker in line for marker in TOOL_MARKERS)]
-
 
 def foreign_only(snapshot, enis):
     """The snapshot without what the tool owns: its marked lines and the

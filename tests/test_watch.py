@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import TOOL, TOOL_PYTHON, _run
+from lab import TOOL, TOOL_PYTHON, _run, cpu_ticks, memory_kb
 from recorded import mer
 
 
@@ -275,21 +275,6 @@ def test_a_stop_signal_sent_while_the_system_is_changed_comes_after_the_change()
 
 
 # -- Lab: the watcher as a process in the instance namespace. ---------------------
-
-def ticks_of(pid):
-    """utime + stime + cutime + cstime of a process, in clock ticks."""
-    with open("/proc/%d/stat" % pid) as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return sum(int(value) for value in fields[11:15])
-
-
-def memory_kb(pid, key):
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise AssertionError("%s not in /proc/%d/status" % (key, pid))
-
 
 def wait_for(condition, timeout, interval=0.02, what="the condition"):
     """Poll until condition() is true; return the seconds it took."""
@@ -546,9 +531,9 @@ def test_idle_it_costs_under_half_a_second_of_cpu_per_10_s_and_under_40_mb(make_
     watcher = watching(lab, "--refresh", "5").ready()
     watcher.settle()
     pid = watcher.process.pid
-    before = ticks_of(pid)
+    before = cpu_ticks(pid)
     converges = watcher.statuses_during(10.0)
-    used = (ticks_of(pid) - before) / os.sysconf("SC_CLK_TCK")
+    used = (cpu_ticks(pid) - before) / os.sysconf("SC_CLK_TCK")
     assert 1 <= len(converges) <= 3, converges  # the refreshes, no loop
     assert all("in sync" in status for status in converges), converges
     assert used < 0.5, "%.2f s of CPU in 10 s idle" % used
