@@ -26,7 +26,10 @@ import ipaddress
 import json
 import os
 import re
+import select
 import shlex
+import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -1276,6 +1279,485 @@ def print_status(report):
         print("  pending: " + line)
 
 
+# -- Watch: converge again whenever the kernel reports a change that can matter. --
+#
+# One rtnetlink socket subscribed to links, IPv4/IPv6 addresses, rules and
+# routes. A message matters when it changes what discovery reads: a link
+# appearing, going, renamed or going down/up; a global address added or
+# removed; a main-table default route (a gateway) added or removed; one of the
+# tool's rules or routes (protocol RT_PROTO) removed by someone. A burst of
+# those gives one converge, WATCH_QUIET after the last (at most WATCH_MAX_DELAY
+# after the first); every --refresh seconds a converge asks IMDS anyway.
+#
+# Its own changes: a converge that adds or removes addresses or deletes its own
+# rules causes messages that matter, so it is followed by exactly one more
+# converge, which finds everything in sync and changes nothing, hence causes
+# nothing: the watcher settles. (Ignoring the messages that arrive during a
+# converge instead would lose a change someone else made meanwhile, e.g. DHCP
+# re-adding the address whose removal started the converge.)
+
+NETLINK_ROUTE = 0
+NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTM_NEWRULE, RTM_DELRULE = 32, 33
+# Multicast groups, as bind() takes them: bit (RTNLGRP_x - 1).
+WATCH_GROUPS = (1 << 0       # RTNLGRP_LINK
+                | 1 << 4     # RTNLGRP_IPV4_IFADDR
+                | 1 << 6     # RTNLGRP_IPV4_ROUTE
+                | 1 << 7     # RTNLGRP_IPV4_RULE
+                | 1 << 8     # RTNLGRP_IPV6_IFADDR
+                | 1 << 10    # RTNLGRP_IPV6_ROUTE
+                | 1 << 18)   # RTNLGRP_IPV6_RULE
+IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFADDR = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
+RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst len, src len, tos, table, protocol, scope, type, flags
+RTATTR = struct.Struct("=HH")  # length, type
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER = 1, 3, 10
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_TABLE = 15
+FRA_PROTOCOL = 21
+IFF_UP, IFF_RUNNING, IFF_LOWER_UP = 0x1, 0x40, 0x10000
+RT_SCOPE_LINK = 253  # and host (254): not an address anyone reaches the ENI on
+RECEIVE_BUFFER = 1 << 20  # room for a burst (a link going takes its routes along)
+
+WATCH_QUIET = 0.25  # a burst of events has ended when none came for this long
+WATCH_MAX_DELAY = 1.0  # ... or at the latest this long after its first event
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0  # retry of a failed converge: 1, 2, 4 .. 60 s
+REFRESH_DEFAULT = 60.0
+STOP_SIGNALS = ("SIGTERM", "SIGINT")
+# The first apply's failures that no retry can mend: the watcher exits with them.
+FATAL_EXIT_CODES = (EXIT_USAGE, EXIT_NOT_ROOT, EXIT_MISSING_PROGRAM)
+
+# What a netlink message says, if it can matter: `key` names the object,
+# `state` is what discovery would see of it now (None: gone).
+Event = collections.namedtuple("Event", "kind key state")
+
+
+def netlink_messages(data):
+    """(type, payload) of each message in one datagram."""
+    offset = 0
+    while offset + NLMSG_HEADER.size <= len(data):
+        length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, offset)
+        if length < NLMSG_HEADER.size or offset + length > len(data):
+            break  # truncated: the rest cannot be parsed
+        yield kind, data[offset + NLMSG_HEADER.size:offset + length]
+        offset += (length + 3) & ~3
+
+
+def netlink_attributes(payload, offset):
+    """{type: value bytes} of the attributes from `offset` on."""
+    found = {}
+    while offset + RTATTR.size <= len(payload):
+        length, kind = RTATTR.unpack_from(payload, offset)
+        if length < RTATTR.size or offset + length > len(payload):
+            break
+        found[kind & 0x3FFF] = payload[offset + RTATTR.size:offset + length]  # without NLA_F_ flags
+        offset += (length + 3) & ~3
+    return found
+
+
+def parse_event(kind, payload):
+    """The Event a message reports, or None when it cannot matter."""
+    try:
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            return link_event(kind, payload)
+        if kind in (RTM_NEWADDR, RTM_DELADDR):
+            return address_event(kind, payload)
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            return route_event(kind, payload)
+        if kind == RTM_DELRULE:
+            attributes = netlink_attributes(payload, RTMSG.size)  # fib_rule_hdr: 12 bytes too
+            if attributes.get(FRA_PROTOCOL, b"")[:1] == bytes([RT_PROTO]):
+                return Event("rule", None, None)
+    except struct.error:  # shorter than its header: nothing to learn from it
+        pass
+    return None
+
+
+def link_event(kind, payload):
+    _, _, index, flags, _ = IFINFO.unpack_from(payload)
+    if kind == RTM_DELLINK:
+        return Event("link", index, None)
+    attributes = netlink_attributes(payload, IFINFO.size)
+    name = attributes.get(IFLA_IFNAME, b"").rstrip(b"\0").decode("utf-8", "replace")
+    master = attributes.get(IFLA_MASTER)
+    return Event("link", index, (name, attributes.get(IFLA_ADDRESS), master,
+                                 flags & (IFF_UP | IFF_RUNNING | IFF_LOWER_UP)))
+
+
+def address_event(kind, payload):
+    family, prefixlen, _, scope, index = IFADDR.unpack_from(payload)
+    if scope >= RT_SCOPE_LINK:
+        return None
+    attributes = netlink_attributes(payload, IFADDR.size)
+    address = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
+    return Event("address", (index, family, address, prefixlen), True if kind == RTM_NEWADDR else None)
+
+
+def route_event(kind, payload):
+    """Removal of one of the tool's routes; a main-table default route (the
+    gateway the plan uses) added or removed."""
+    family, dst_len, _, _, table, protocol, _, _, _ = RTMSG.unpack_from(payload)
+    if protocol == RT_PROTO:
+        return Event("route", None, None) if kind == RTM_DELROUTE else None
+    table = struct.unpack("=I", netlink_attributes(payload, RTMSG.size).get(RTA_TABLE, b""))[0] \
+        if table == 252 else table  # RT_TABLE_COMPAT: the real number is in RTA_TABLE
+    if table == TABLE_MAIN and dst_len == 0:
+        return Event("gateway", family, None)
+    return None
+
+
+class KernelView:
+    """The links and addresses as the messages so far described them; tells
+    which message changes them (a lease renewed, a flag we do not read: no)."""
+
+    def __init__(self):
+        self.links, self.addresses = {}, set()
+
+    def changes(self, event):
+        """Whether `event` changes what discovery would read; records it."""
+        if event.kind == "link":
+            if self.links.get(event.key) == event.state:
+                return False
+            if event.state is None:
+                del self.links[event.key]
+                self.addresses = {a for a in self.addresses if a[0] != event.key}
+            else:
+                self.links[event.key] = event.state
+            return True
+        if event.kind == "address":
+            known = event.key in self.addresses
+            if event.state:
+                self.addresses.add(event.key)
+            else:
+                self.addresses.discard(event.key)
+            return known != bool(event.state)
+        return True  # a rule or route of ours removed, a gateway changed
+
+    def describe(self, event):
+        if event.kind == "link":
+            name = (event.state or self.links.get(event.key) or ("#%d" % event.key,))[0]
+            return "link %s %s" % (name, "changed" if event.state else "gone")
+        if event.kind == "address":
+            index, family, address, prefixlen = event.key
+            try:
+                text = str(ipaddress.ip_address(address))
+            except ValueError:
+                text = "?"
+            return "address %s/%d %s" % (text, prefixlen, "added" if event.state else "removed")
+        return {"rule": "a rule of ours removed", "route": "a route of ours removed",
+                "gateway": "a default route in main changed"}[event.kind]
+
+
+class NetlinkWatch:
+    """The rtnetlink socket, and the view of links and addresses it keeps."""
+
+    def __init__(self):
+        import socket  # here: one-off runs do without its import time
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        for option in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root) beyond rmem_max, else capped
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
+                break
+            except OSError:
+                continue
+        self.sock.bind((0, WATCH_GROUPS))
+        self.sock.setblocking(False)
+        self.view = KernelView()
+        self.resync()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+    def resync(self):
+        """Read all links and addresses anew (at start and after an overrun)."""
+        self.view = KernelView()
+        for request in (RTM_GETLINK, RTM_GETADDR):
+            for event in dump(request):
+                self.view.changes(event)
+
+    def read(self):
+        """The descriptions of the pending messages that matter; ["overrun"]
+        when the kernel dropped some (ENOBUFS): then anything may have changed."""
+        reasons = []
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return reasons
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.resync()
+                reasons.append("netlink overrun: events were lost")
+                continue
+            for kind, payload in netlink_messages(data):
+                event = parse_event(kind, payload)
+                if event:
+                    description = self.view.describe(event)  # before the view forgets a link's name
+                    if self.view.changes(event):
+                        reasons.append(description)
+
+
+def dump(request):
+    """The Events of a netlink dump (RTM_GETLINK, RTM_GETADDR), on a socket of its own."""
+    import socket
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    try:
+        sock.bind((0, 0))
+        body = struct.pack("=B3x", socket.AF_UNSPEC) + (b"\0" * 12 if request == RTM_GETLINK else b"\0" * 4)
+        sock.send(NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+                  + body)
+        events = []
+        while True:
+            for kind, payload in netlink_messages(sock.recv(65536)):
+                if kind == NLMSG_DONE:
+                    return events
+                if kind == NLMSG_ERROR:
+                    raise OSError("netlink dump refused")
+                event = parse_event(kind, payload)
+                if event:
+                    events.append(event)
+    finally:
+        sock.close()
+
+
+class Schedule:
+    """When the next converge is due: WATCH_QUIET after the last event of a
+    burst, at most WATCH_MAX_DELAY after its first; after a failure, not before
+    the backoff (events do not shorten it: no crash loop); else every `refresh`."""
+
+    def __init__(self, refresh, now, quiet=WATCH_QUIET, max_delay=WATCH_MAX_DELAY,
+                 backoff_first=BACKOFF_FIRST, backoff_max=BACKOFF_MAX):
+        self.refresh, self.quiet, self.max_delay = refresh, quiet, max_delay
+        self.backoff_first, self.backoff_max = backoff_first, backoff_max
+        self.first_event = self.last_event = None
+        self.retry_at, self.backoff = None, 0.0
+        self.refresh_at = now  # the first apply: at once
+
+    def event(self, now):
+        if self.first_event is None:
+            self.first_event = now
+        self.last_event = now
+
+    def due(self):
+        """The monotonic time of the next converge."""
+        if self.first_event is not None:
+            at = min(self.last_event + self.quiet, self.first_event + self.max_delay)
+        else:
+            at = self.refresh_at
+        return at if self.retry_at is None else max(at, self.retry_at)
+
+    def converging(self):
+        """A converge starts: it sees every event so far."""
+        self.first_event = self.last_event = None
+
+    def succeeded(self, now):
+        self.retry_at, self.backoff = None, 0.0
+        self.refresh_at = now + self.refresh
+
+    def failed(self, now):
+        """Schedule the retry; return its delay."""
+        self.backoff = min(self.backoff * 2, self.backoff_max) if self.backoff else self.backoff_first
+        self.retry_at = self.refresh_at = now + self.backoff
+        return self.backoff
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT: leave the loop (not an Exception: nothing swallows it)."""
+
+
+def changing_system(frame):
+    """Whether the interrupted code is applying (Run.converge, which verifies
+    and rolls back): a stop then waits for it, so nothing is left half done."""
+    while frame is not None:
+        if frame.f_code is Run.converge.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class Watcher:
+    """The loop: converge, wait for events or the next refresh, converge again."""
+
+    def __init__(self, args):
+        self.args = args
+        self.stop_requested = False
+        self.say = self.print_line
+        self.changed = False
+
+    # -- output: stdout/stderr in the foreground (the journal), syslog as a daemon --
+
+    def print_line(self, line, error=False):
+        stream = sys.stderr if error else sys.stdout
+        stream.write("%s%s\n" % ("%s: error: " % PROG if error else "", line))
+        stream.flush()
+
+    def on_stop_signal(self, signum, frame):
+        if self.stop_requested:  # a second signal: the first is being handled
+            return
+        self.stop_requested = True
+        if not changing_system(frame):
+            raise Stopped()
+
+    def converge(self, schedule):
+        """One converge; its exit code. Failures are logged and scheduled for a retry."""
+        schedule.converging()
+        started = time.monotonic()
+        try:
+            code = execute(self.args, started, report=self.report)
+        except ToolError as exc:
+            return self.failed(schedule, str(exc), exc.exit_code)
+        except Exception as exc:  # a bug or an unforeseen system error: retried all the same
+            return self.failed(schedule, "unexpected %s: %s" % (exc.__class__.__name__, exc), EXIT_FAILURE)
+        schedule.succeeded(time.monotonic())
+        return code
+
+    def report(self, line, changes):
+        if is_empty(changes):
+            log.info("%s", line)
+        elif not self.args.quiet:
+            self.say(line)
+        sd_notify("STATUS=" + line)
+
+    def failed(self, schedule, message, code):
+        delay = schedule.failed(time.monotonic())
+        self.say("apply failed: %s; retrying in %.0f s" % (message, delay), error=True)
+        sd_notify("STATUS=apply failed: %s; retrying in %.0f s" % (message, delay))
+        return code
+
+    def run(self):
+        """Apply, then watch until stopped; the exit code."""
+        previous = {name: signal.signal(getattr(signal, name), self.on_stop_signal) for name in STOP_SIGNALS}
+        events = pidfile = None
+        try:
+            try:
+                events = NetlinkWatch()  # before the first apply: no change slips through
+            except OSError as exc:
+                raise ToolError("cannot watch the kernel's routing messages (netlink): %s"
+                                % (exc.strerror or exc))
+            schedule = Schedule(self.args.refresh, time.monotonic())
+            code = self.converge(schedule)
+            if code in FATAL_EXIT_CODES:
+                return code
+            if self.args.daemon:
+                if not self.daemonize():
+                    return code  # the parent: the first apply's exit code
+                pidfile = self.args.pidfile  # written by the child before the parent left
+            elif self.args.pidfile:
+                pidfile = write_pidfile(self.args.pidfile)
+            sd_notify("READY=1")
+            self.loop(events, schedule)
+        except Stopped:
+            pass
+        finally:
+            if events:
+                events.close()
+            if pidfile:
+                remove_pidfile(pidfile)
+            for name, handler in previous.items():
+                signal.signal(getattr(signal, name), handler)
+        sd_notify("STOPPING=1")
+        log.info("stopped; the routing stays applied")
+        return EXIT_OK
+
+    def loop(self, events, schedule):
+        poller = select.poll()
+        poller.register(events, select.POLLIN)
+        while not self.stop_requested:
+            wait = schedule.due() - time.monotonic()
+            if wait > 0:
+                if poller.poll(max(1, int(wait * 1000 + 1))):
+                    reasons = events.read()
+                    if reasons:
+                        log.info("converge soon: %s", "; ".join(reasons[:5]) + (
+                            " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
+                        schedule.event(time.monotonic())
+                continue
+            self.converge(schedule)
+
+    def daemonize(self):
+        """Fork; the parent returns False once the child is detached and has
+        written the pid file; the child returns True, logging to syslog."""
+        ready_read, ready_write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork():
+            os.close(ready_write)
+            os.read(ready_read, 1)  # the child has written the pid file (or died)
+            os.close(ready_read)
+            return False
+        os.close(ready_read)
+        os.setsid()
+        os.chdir("/")
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        import syslog
+        syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_DAEMON)
+        priorities = {Log.DEBUG: syslog.LOG_DEBUG, Log.INFO: syslog.LOG_INFO,
+                      Log.WARNING: syslog.LOG_WARNING, Log.ERROR: syslog.LOG_ERR}
+
+        def emit(level, label, message, args):
+            if level >= log.level:
+                syslog.syslog(priorities.get(level, syslog.LOG_INFO), message % args if args else message)
+
+        log.emit = emit
+        self.say = lambda line, error=False: syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
+        write_pidfile(self.args.pidfile)
+        os.write(ready_write, b"1")
+        os.close(ready_write)
+        return True
+
+
+def write_pidfile(path):
+    """Write our pid to `path` atomically; return the path."""
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    with open(temporary, "w") as handle:
+        handle.write("%d\n" % os.getpid())
+    os.replace(temporary, path)
+    return path
+
+
+def remove_pidfile(path):
+    """Remove the pid file if it is still ours."""
+    try:
+        with open(path) as handle:
+            if handle.read().strip() == str(os.getpid()):
+                os.unlink(path)
+    except OSError:
+        pass
+
+
+def sd_notify(message):
+    """Tell systemd (Type=notify) how we are; nothing without NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket name
+    import socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode("utf-8", "replace"), address)
+    except OSError as exc:
+        log.debug("sd_notify: %s", exc)
+
+
+def watch(args):
+    """--watch: a long-running process, so the cyclic garbage collector is back on."""
+    gc.enable()
+    return Watcher(args).run()
+
+
 # -- Command line. ----------------------------------------------------------------
 
 EPILOG = (
@@ -1317,6 +1799,7 @@ def parse_args(argv):
         args = parser.parse_args(read_options_file(args.options_file) + argv)
     if args.json and not args.status:
         parser.error("--json goes with --status")
+    check_watch_args(parser, args)
     return args
 
 
@@ -1358,6 +1841,14 @@ def build_parser():
                              "back the sysctls it changed; touches nothing else")
     action.add_argument("--status", action="store_true",
                         help="show what is applied per ENI; exit 0 in sync, 1 stale, 3 not applied")
+    action.add_argument("--watch", action="store_true",
+                        help="apply, then stay in the foreground and apply again within seconds "
+                             "whenever a link, an address, a gateway or one of the tool's rules or "
+                             "routes changes (kernel netlink messages), and every --refresh seconds "
+                             "(which also asks IMDS for addresses assigned or unassigned in EC2); "
+                             "a failed apply is retried with backoff. SIGTERM or SIGINT ends it "
+                             "(exit 0) leaving the routing applied. Tells systemd (Type=notify) "
+                             "when the first apply is done")
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="print the commands apply (or flush, with -f) would run, change nothing")
     parser.add_argument("--json", action="store_true", help="with --status: machine-readable output")
@@ -1377,6 +1868,14 @@ def build_parser():
                              "does not answer at all is given up on within 2 s")
     parser.add_argument("--mark-mask", type=mark_mask_arg, default=DEFAULT_MARK_MASK, metavar="MASK",
                         help="connmark bits the tool may use (default %#x)" % DEFAULT_MARK_MASK)
+    parser.add_argument("--refresh", type=refresh_arg, default=None, metavar="SECONDS",
+                        help="with --watch: apply (and ask IMDS) at least this often, even without "
+                             "events (default %d; 1 to 86400)" % REFRESH_DEFAULT)
+    parser.add_argument("--daemon", action="store_true",
+                        help="with --watch and --pidfile, for hosts without systemd: after the first "
+                             "apply, detach and log to syslog; exit with the first apply's code")
+    parser.add_argument("--pidfile", metavar="FILE",
+                        help="with --watch: write the watcher's pid to FILE, removed when it ends")
     parser.add_argument("--state-dir", default=STATE_DIR, metavar="DIR",
                         help="where the lock and the state record live (default %s)" % STATE_DIR)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: commands)")
@@ -1386,6 +1885,32 @@ def build_parser():
                              "expansion); the command line's come after them")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     return parser
+
+
+def check_watch_args(parser, args):
+    """--refresh, --daemon and --pidfile go with --watch, which changes the system."""
+    for option, given in (("--refresh", args.refresh is not None), ("--daemon", args.daemon),
+                          ("--pidfile", args.pidfile)):
+        if given and not args.watch:
+            parser.error("%s goes with --watch" % option)
+    if args.watch and args.dry_run:
+        parser.error("--watch changes the system: it does not go with --dry-run")
+    if args.daemon and not args.pidfile:
+        parser.error("--daemon needs --pidfile FILE")
+    if args.pidfile:
+        args.pidfile = os.path.abspath(args.pidfile)  # the daemon changes to /
+    if args.refresh is None:
+        args.refresh = REFRESH_DEFAULT
+
+
+def refresh_arg(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError("%r: give 1 <= SECONDS <= 86400" % text)
+    return value
 
 
 def seconds_arg(text):
@@ -1452,6 +1977,8 @@ def main(argv=None):
     setup_logging(args.verbose, args.quiet)
     started = time.monotonic()
     try:
+        if args.watch:
+            return watch(args)
         return execute(args, started)
     except ToolError as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, exc))
@@ -1468,7 +1995,9 @@ def main(argv=None):
         return EXIT_FAILURE
 
 
-def execute(args, started):
+def execute(args, started, report=None):
+    """One run: apply (or flush, --status, --dry-run). An apply's one-line
+    summary goes to report(line, changes) when given (the watcher), else stdout."""
     if os.geteuid() != 0:
         raise ToolError("must run as root", EXIT_NOT_ROOT)
     if kernel_version() < (4, 17):
@@ -1492,7 +2021,11 @@ def execute(args, started):
             print("\n".join(render(changes)) if not is_empty(changes) else "in sync: nothing to do")
             return EXIT_OK
         changes = this_run.converge(desired, owned)
-        summarize(args, enis, desired, changes, started)
+        line = summary(args, enis, desired, changes, started)
+        if report:
+            report(line, changes)
+        elif not args.quiet:
+            print(line)
         return EXIT_OK
     finally:
         if lock:
@@ -1527,25 +2060,20 @@ def show_status(args, enis, owned, changes):
     return EXIT_OK if report["in_sync"] else EXIT_FAILURE
 
 
-def summarize(args, enis, desired, changes, started):
-    """One line on stdout saying what the run did."""
+def summary(args, enis, desired, changes, started):
+    """One line saying what the run did."""
     elapsed = (time.monotonic() - started) * 1000
     count = len(render(changes))
-    if args.quiet:
-        return
     if args.flush:
-        print("flushed: %d changes in %.0f ms" % (count, elapsed) if count else "flushed: nothing was applied")
-    elif not enis:
-        print("nothing to do: no ENI found (not on EC2? name them with -i)")
-    elif len(enis) < 2 and not desired.rules:
-        print("%s; one ENI needs no policy routing"
-              % ("applied: %d change(s)" % count if count else "nothing to do"))
-    elif is_empty(changes):
-        print("in sync: nothing to do (%d ENIs, %d rules)" % (len(enis), len(desired.rules)))
-    else:
-        print("applied: %d ENIs [%s], %d rules, %d routes: %d changes in %.0f ms" % (
-            len(enis), ", ".join(e.name for e in enis), len(desired.rules), len(desired.routes),
-            count, elapsed))
+        return "flushed: %d changes in %.0f ms" % (count, elapsed) if count else "flushed: nothing was applied"
+    if not enis:
+        return "nothing to do: no ENI found (not on EC2? name them with -i)"
+    if len(enis) < 2 and not desired.rules:
+        return "%s; one ENI needs no policy routing" % ("applied: %d change(s)" % count if count else "nothing to do")
+    if is_empty(changes):
+        return "in sync: nothing to do (%d ENIs, %d rules)" % (len(enis), len(desired.rules))
+    return "applied: %d ENIs [%s], %d rules, %d routes: %d changes in %.0f ms" % (
+        len(enis), ", ".join(e.name for e in enis), len(desired.rules), len(desired.routes), count, elapsed)
 
 
 def exit_at_once(code):
