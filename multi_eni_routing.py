@@ -1793,7 +1793,8 @@ def parse_args(argv):
         try:
             args = parser.parse_args(read_options_file(args.options_file, for_flush=True) + argv)
         except ValueError as exc:
-            log.warning("flushing without the options of %s: %s", args.options_file, exc)
+            if not args.quiet:  # -q: the unit's stop, after the start said it in one line
+                log.warning("flushing without the options of %s: %s", args.options_file, exc)
         parser.raise_errors = False
     elif args.options_file:
         args = parser.parse_args(read_options_file(args.options_file) + argv)
