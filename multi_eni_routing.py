@@ -1789,19 +1789,33 @@ def parse_args(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.options_file and args.flush:
-        parser.raise_errors = True
-        try:
-            args = parser.parse_args(read_options_file(args.options_file, for_flush=True) + argv)
-        except ValueError as exc:
-            if not args.quiet:  # -q: the unit's stop, after the start said it in one line
-                log.warning("flushing without the options of %s: %s", args.options_file, exc)
-        parser.raise_errors = False
+        args = flush_args(parser, args, argv)
     elif args.options_file:
         args = parser.parse_args(read_options_file(args.options_file) + argv)
     if args.json and not args.status:
         parser.error("--json goes with --status")
     check_watch_args(parser, args)
     return args
+
+
+def flush_args(parser, args, argv):
+    """A flush with a bad options file still uses what it can of it (--state-dir
+    says where the sysctls to give back are recorded), else only the command line."""
+    parser.raise_errors, problem = True, None
+    try:
+        words = read_options_file(args.options_file, for_flush=True)
+        try:
+            return parser.parse_args(words + argv)
+        except ValueError as exc:
+            problem = exc
+        return parser.parse_known_args(words + argv)[0]
+    except ValueError as exc:
+        problem = exc
+        return args
+    finally:
+        parser.raise_errors = False
+        if problem and not args.quiet:  # -q: the unit's stop; the start said it already
+            log.warning("flushing despite the options file %s: %s", args.options_file, problem)
 
 
 def read_options_file(path, for_flush=False):
