@@ -181,10 +181,14 @@ def chroot_env(extra=None):
     return env
 
 
-def chroot(root, command, env=None, timeout=3600, output=None):
+def chroot(root, command, env=None, timeout=3600, output=None, netns=None):
     """Run COMMAND (sh) in ROOT; a CompletedProcess (text). OUTPUT: a file to
-    stream stdout and stderr to instead of capturing them."""
+    stream stdout and stderr to instead of capturing them. NETNS: a network
+    namespace to run it in (a chroot shares the machine's network: anything
+    that may run the tool itself needs one)."""
     argv = ["unshare", "--mount", "--", "/bin/sh", "-c", CHROOT_SCRIPT, "chroot-sh", str(root), command]
+    if netns:
+        argv = ["ip", "netns", "exec", netns] + argv
     kwargs = dict(stdout=output, stderr=subprocess.STDOUT) if output else dict(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process = subprocess.Popen(argv, env=chroot_env(env), text=True, start_new_session=True, **kwargs)
