@@ -1290,9 +1290,9 @@ def print_status(report):
 # after the first); every --refresh seconds a converge asks IMDS anyway.
 #
 # Its own changes: a converge that adds or removes addresses or deletes its own
-# rules causes messages that matter, so it is followed by exactly one more
-# converge, which finds everything in sync and changes nothing, hence causes
-# nothing: the watcher settles. (Ignoring the messages that arrive during a
+# rules causes messages that matter, so it is followed by one more converge,
+# which finds everything in sync and changes nothing, hence causes nothing:
+# the watcher settles. (Ignoring the messages that arrive during a
 # converge instead would lose a change someone else made meanwhile, e.g. DHCP
 # re-adding the address whose removal started the converge.)
 
@@ -1319,17 +1319,20 @@ RTATTR = struct.Struct("=HH")  # length, type
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER = 1, 3, 10
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_TABLE = 15
+RT_TABLE_COMPAT = 252  # in rtm_table when the number is over 255: the real one is in RTA_TABLE
 FRA_PROTOCOL = 21
 IFF_UP, IFF_RUNNING, IFF_LOWER_UP = 0x1, 0x40, 0x10000
 RT_SCOPE_LINK = 253  # and host (254): not an address anyone reaches the ENI on
 RECEIVE_BUFFER = 1 << 20  # room for a burst (a link going takes its routes along)
+SO_RCVBUFFORCE = 33  # root may go beyond net.core.rmem_max (not in the socket module)
 
 WATCH_QUIET = 0.25  # a burst of events has ended when none came for this long
 WATCH_MAX_DELAY = 1.0  # ... or at the latest this long after its first event
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0  # retry of a failed converge: 1, 2, 4 .. 60 s
 REFRESH_DEFAULT = 60.0
 STOP_SIGNALS = ("SIGTERM", "SIGINT")
-# The first apply's failures that no retry can mend: the watcher exits with them.
+# The first apply's failures that no retry can mend: the watcher exits with them
+# (a daemon's parent too, and no child stays).
 FATAL_EXIT_CODES = (EXIT_USAGE, EXIT_NOT_ROOT, EXIT_MISSING_PROGRAM)
 
 # What a netlink message says, if it can matter: `key` names the object,
@@ -1405,7 +1408,7 @@ def route_event(kind, payload):
     if protocol == RT_PROTO:
         return Event("route", None, None) if kind == RTM_DELROUTE else None
     table = struct.unpack("=I", netlink_attributes(payload, RTMSG.size).get(RTA_TABLE, b""))[0] \
-        if table == 252 else table  # RT_TABLE_COMPAT: the real number is in RTA_TABLE
+        if table == RT_TABLE_COMPAT else table
     if table == TABLE_MAIN and dst_len == 0:
         return Event("gateway", family, None)
     return None
@@ -1443,7 +1446,7 @@ class KernelView:
             name = (event.state or self.links.get(event.key) or ("#%d" % event.key,))[0]
             return "link %s %s" % (name, "changed" if event.state else "gone")
         if event.kind == "address":
-            index, family, address, prefixlen = event.key
+            address, prefixlen = event.key[2:]
             try:
                 text = str(ipaddress.ip_address(address))
             except ValueError:
@@ -1457,9 +1460,16 @@ class NetlinkWatch:
     """The rtnetlink socket, and the view of links and addresses it keeps."""
 
     def __init__(self):
+        self.sock = None
+        self.view = KernelView()
+        self.open()
+
+    def open(self):
+        """Subscribe (again, on a new socket) and read the links and addresses."""
         import socket  # here: one-off runs do without its import time
+        self.close()
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        for option in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root) beyond rmem_max, else capped
+        for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):  # the latter capped at rmem_max
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
                 break
@@ -1467,14 +1477,14 @@ class NetlinkWatch:
                 continue
         self.sock.bind((0, WATCH_GROUPS))
         self.sock.setblocking(False)
-        self.view = KernelView()
         self.resync()
 
     def fileno(self):
         return self.sock.fileno()
 
     def close(self):
-        self.sock.close()
+        if self.sock:
+            self.sock.close()
 
     def resync(self):
         """Read all links and addresses anew (at start and after an overrun)."""
@@ -1511,6 +1521,7 @@ def dump(request):
     import socket
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
     try:
+        sock.settimeout(5)  # the kernel answers at once; never hang on it
         sock.bind((0, 0))
         body = struct.pack("=B3x", socket.AF_UNSPEC) + (b"\0" * 12 if request == RTM_GETLINK else b"\0" * 4)
         sock.send(NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
@@ -1591,7 +1602,6 @@ class Watcher:
         self.args = args
         self.stop_requested = False
         self.say = self.print_line
-        self.changed = False
 
     # -- output: stdout/stderr in the foreground (the journal), syslog as a daemon --
 
@@ -1607,13 +1617,16 @@ class Watcher:
         if not changing_system(frame):
             raise Stopped()
 
-    def converge(self, schedule):
-        """One converge; its exit code. Failures are logged and scheduled for a retry."""
+    def converge(self, schedule, first=False):
+        """One converge; its exit code. Failures are logged and scheduled for a
+        retry, except the first apply's that no retry can mend: raised."""
         schedule.converging()
         started = time.monotonic()
         try:
             code = execute(self.args, started, report=self.report)
         except ToolError as exc:
+            if first and exc.exit_code in FATAL_EXIT_CODES:
+                raise
             return self.failed(schedule, str(exc), exc.exit_code)
         except Exception as exc:  # a bug or an unforeseen system error: retried all the same
             return self.failed(schedule, "unexpected %s: %s" % (exc.__class__.__name__, exc), EXIT_FAILURE)
@@ -1644,12 +1657,11 @@ class Watcher:
                 raise ToolError("cannot watch the kernel's routing messages (netlink): %s"
                                 % (exc.strerror or exc))
             schedule = Schedule(self.args.refresh, time.monotonic())
-            code = self.converge(schedule)
-            if code in FATAL_EXIT_CODES:
-                return code
+            code = self.converge(schedule, first=True)
             if self.args.daemon:
-                if not self.daemonize():
-                    return code  # the parent: the first apply's exit code
+                detached = self.daemonize()
+                if not detached:  # the parent: the first apply's exit code, if the child started
+                    return code if detached is False else EXIT_FAILURE
                 pidfile = self.args.pidfile  # written by the child before the parent left
             elif self.args.pidfile:
                 pidfile = write_pidfile(self.args.pidfile)
@@ -1673,34 +1685,53 @@ class Watcher:
         poller.register(events, select.POLLIN)
         while not self.stop_requested:
             wait = schedule.due() - time.monotonic()
-            if wait > 0:
-                if poller.poll(max(1, int(wait * 1000 + 1))):
+            if wait <= 0:
+                self.converge(schedule)
+            elif poller.poll(max(1, int(wait * 1000 + 1))):
+                try:
                     reasons = events.read()
-                    if reasons:
-                        log.info("converge soon: %s", "; ".join(reasons[:5]) + (
-                            " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
-                        schedule.event(time.monotonic())
-                continue
-            self.converge(schedule)
+                except OSError as exc:  # unforeseen: a new socket, and converge as after an overrun
+                    log.error("reading netlink messages failed (%s): watching anew", exc.strerror or exc)
+                    poller.unregister(events)
+                    events.open()
+                    poller.register(events, select.POLLIN)
+                    reasons = ["netlink error"]
+                if reasons:
+                    log.info("converge soon: %s", "; ".join(reasons[:5]) + (
+                        " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
+                    schedule.event(time.monotonic())
 
     def daemonize(self):
-        """Fork; the parent returns False once the child is detached and has
-        written the pid file; the child returns True, logging to syslog."""
+        """Fork. The parent waits until the child has written the pid file and
+        returns False (None if the child could not); the child detaches (own
+        session, /, no terminal), logs to syslog, and returns True."""
         ready_read, ready_write = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork():
             os.close(ready_write)
-            os.read(ready_read, 1)  # the child has written the pid file (or died)
+            started = os.read(ready_read, 1) == b"1"  # b"" if the child died first
             os.close(ready_read)
-            return False
+            return False if started else None
         os.close(ready_read)
         os.setsid()
+        try:
+            write_pidfile(self.args.pidfile)
+        except ToolError as exc:  # still on the caller's stderr: say why, once
+            sys.stderr.write("%s: error: %s\n" % (PROG, exc))
+            sys.stderr.flush()
+            os._exit(EXIT_FAILURE)
         os.chdir("/")
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
+        self.log_to_syslog()
+        os.write(ready_write, b"1")
+        os.close(ready_write)
+        return True
+
+    def log_to_syslog(self):
         import syslog
         syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_DAEMON)
         priorities = {Log.DEBUG: syslog.LOG_DEBUG, Log.INFO: syslog.LOG_INFO,
@@ -1712,18 +1743,17 @@ class Watcher:
 
         log.emit = emit
         self.say = lambda line, error=False: syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
-        write_pidfile(self.args.pidfile)
-        os.write(ready_write, b"1")
-        os.close(ready_write)
-        return True
 
 
 def write_pidfile(path):
     """Write our pid to `path` atomically; return the path."""
     temporary = "%s.%d.tmp" % (path, os.getpid())
-    with open(temporary, "w") as handle:
-        handle.write("%d\n" % os.getpid())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as handle:
+            handle.write("%d\n" % os.getpid())
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise ToolError("cannot write the pid file %s: %s" % (path, exc.strerror or exc))
     return path
 
 
@@ -1753,7 +1783,8 @@ def sd_notify(message):
 
 
 def watch(args):
-    """--watch: a long-running process, so the cyclic garbage collector is back on."""
+    """--watch: a long-running process, so the cyclic garbage collector is back
+    on (main() turned it off for one-off runs)."""
     gc.enable()
     return Watcher(args).run()
 

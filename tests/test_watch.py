@@ -1,0 +1,676 @@
+"""--watch: the routing repairs itself within seconds, whatever changed it.
+
+Without root: the netlink message parsing, which messages matter, the
+debounce and backoff schedule, the options, sd_notify, and a failing converge
+that is retried, never raised. As root, in a lab (the watcher runs in the
+instance namespace, killed in `finally`): each target of issue 9, first
+showing the routing broken with only a one-off apply done, then repaired by
+the watcher within the target time.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from lab import TOOL, TOOL_PYTHON, _run
+from recorded import mer
+
+
+# -- Unit: netlink messages. ----------------------------------------------------
+
+def attribute(kind, value):
+    length = 4 + len(value)
+    return struct.pack("=HH", length, kind) + value + b"\0" * ((-length) % 4)
+
+
+def message(kind, body, flags=0):
+    return mer.NLMSG_HEADER.pack(16 + len(body), kind, flags, 0, 0) + body
+
+
+def link_message(kind, index, name, flags, mac=b"\2\0\0\0\0\2"):
+    body = mer.IFINFO.pack(0, 1, index, flags, 0xFFFFFFFF)
+    return message(kind, body + attribute(mer.IFLA_IFNAME, name.encode() + b"\0")
+                   + attribute(mer.IFLA_ADDRESS, mac))
+
+
+def address_message(kind, index, address, prefixlen, scope=0):
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    body = mer.IFADDR.pack(family, prefixlen, 0, scope, index)
+    return message(kind, body + attribute(mer.IFA_ADDRESS, packed) + attribute(mer.IFA_LOCAL, packed))
+
+
+def route_message(kind, protocol, table=254, dst_len=0, family=socket.AF_INET):
+    body = mer.RTMSG.pack(family, dst_len, 0, 0, min(table, 252), protocol, 0, 1, 0)
+    return message(kind, body + attribute(mer.RTA_TABLE, struct.pack("=I", table)))
+
+
+def rule_message(kind, protocol, family=socket.AF_INET):
+    body = struct.pack("=BBBBBBBBI", family, 0, 0, 0, 254, 0, 0, 1, 0)  # fib_rule_hdr
+    return message(kind, body + attribute(6, struct.pack("=I", 20300))
+                   + attribute(mer.FRA_PROTOCOL, bytes([protocol])))
+
+
+def events_of(data):
+    return [mer.parse_event(kind, payload) for kind, payload in mer.netlink_messages(data)]
+
+
+def test_a_datagram_of_several_messages_is_split_at_their_aligned_lengths():
+    odd = message(99, b"\1\2\3")  # 19 bytes, padded to 20 in a datagram
+    data = odd + b"\0" + rule_message(mer.RTM_DELRULE, 231) + message(99, b"xx")[:10]
+    kinds = [kind for kind, _ in mer.netlink_messages(data)]
+    assert kinds == [99, mer.RTM_DELRULE]  # the truncated third is dropped, not misread
+
+
+def test_only_the_removal_of_the_tools_own_rules_and_routes_matters():
+    assert events_of(rule_message(mer.RTM_DELRULE, 231, socket.AF_INET6)) == [mer.Event("rule", None, None)]
+    assert events_of(rule_message(mer.RTM_DELRULE, 3)) == [None]  # someone else's
+    assert events_of(rule_message(mer.RTM_NEWRULE, 231)) == [None]  # our own additions
+    assert events_of(route_message(mer.RTM_DELROUTE, 231, 22001, 24)) == [mer.Event("route", None, None)]
+    assert events_of(route_message(mer.RTM_NEWROUTE, 231, 22001, 24)) == [None]
+    assert events_of(route_message(mer.RTM_DELROUTE, 2, 22001, 24)) == [None]
+    assert events_of(route_message(mer.RTM_NEWROUTE, 2, 254, 24)) == [None]  # a subnet route in main
+
+
+def test_a_default_route_in_main_matters_it_names_the_gateway():
+    assert events_of(route_message(mer.RTM_NEWROUTE, 9, 254, 0, socket.AF_INET6)) == [
+        mer.Event("gateway", socket.AF_INET6, None)]
+    assert events_of(route_message(mer.RTM_NEWROUTE, 9, 1000, 0)) == [None]  # another table
+
+
+def test_links_and_addresses_matter_only_when_what_discovery_reads_changes():
+    view = mer.KernelView()
+    up = mer.IFF_UP | mer.IFF_RUNNING | mer.IFF_LOWER_UP
+
+    def changes(data):
+        return [view.changes(event) for event in events_of(data) if event]
+
+    assert changes(link_message(mer.RTM_NEWLINK, 3, "eth1", up)) == [True]  # appeared
+    assert changes(link_message(mer.RTM_NEWLINK, 3, "eth1", up | 0x100)) == [False]  # promiscuous
+    assert changes(link_message(mer.RTM_NEWLINK, 3, "eth1", mer.IFF_UP)) == [True]  # carrier lost
+    assert changes(link_message(mer.RTM_NEWLINK, 3, "eth9", mer.IFF_UP)) == [True]  # renamed
+    assert changes(address_message(mer.RTM_NEWADDR, 3, "203.0.113.10", 24)) == [True]
+    assert changes(address_message(mer.RTM_NEWADDR, 3, "203.0.113.10", 24)) == [False]  # lease renewed
+    assert changes(address_message(mer.RTM_NEWADDR, 3, "fe80::1", 64, scope=253)) == []  # link scope
+    assert changes(address_message(mer.RTM_DELADDR, 3, "203.0.113.10", 24)) == [True]
+    assert changes(address_message(mer.RTM_NEWADDR, 3, "203.0.113.10", 24)) == [True]  # re-added
+    assert changes(message(mer.RTM_DELLINK, mer.IFINFO.pack(0, 1, 3, 0, 0))) == [True]
+    assert view.links == {} and view.addresses == set()  # its addresses went with it
+
+
+def test_a_message_shorter_than_its_header_is_ignored():
+    assert events_of(message(mer.RTM_NEWADDR, b"\2\30")) == [None]
+    assert events_of(message(mer.RTM_DELROUTE, b"\2")) == [None]
+
+
+def test_events_are_described_for_the_log():
+    view = mer.KernelView()
+    event = events_of(address_message(mer.RTM_DELADDR, 3, "2001:db8:b::10", 64))[0]
+    assert view.describe(event) == "address 2001:db8:b::10/64 removed"
+    event = events_of(link_message(mer.RTM_NEWLINK, 4, "eth2", mer.IFF_UP))[0]
+    assert view.describe(event) == "link eth2 changed"
+
+
+# -- Unit: when the next converge is due. -----------------------------------------
+
+def test_a_burst_of_events_gives_one_converge_shortly_after_the_last():
+    schedule = mer.Schedule(refresh=60, now=0.0)
+    schedule.succeeded(0.0)  # the first apply
+    assert schedule.due() == 60.0
+    for t in (10.0, 10.1, 10.2):
+        schedule.event(t)
+    assert schedule.due() == pytest.approx(10.2 + mer.WATCH_QUIET)
+    schedule.converging()
+    schedule.succeeded(10.5)
+    assert schedule.due() == 70.5  # the refresh counts from the last converge
+
+
+def test_a_never_ending_stream_of_events_still_converges_within_the_max_delay():
+    schedule = mer.Schedule(refresh=60, now=0.0)
+    schedule.succeeded(0.0)
+    t = 5.0
+    while t < 5.0 + 3 * mer.WATCH_MAX_DELAY:
+        schedule.event(t)
+        t += mer.WATCH_QUIET / 2
+    assert schedule.due() == pytest.approx(5.0 + mer.WATCH_MAX_DELAY)
+
+
+def test_failures_back_off_exponentially_up_to_a_cap_and_events_do_not_shorten_it():
+    schedule = mer.Schedule(refresh=5, now=0.0)
+    delays = [schedule.failed(0.0) for _ in range(9)]
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    schedule.event(1.0)
+    assert schedule.due() == 60.0  # no crash loop, whatever happens meanwhile
+    schedule.converging()
+    schedule.succeeded(60.0)
+    assert schedule.due() == 65.0  # back to the refresh
+    assert schedule.failed(61.0) == 1  # and the backoff starts over
+
+
+# -- Unit: options, sd_notify, a failing converge. ------------------------------
+
+@pytest.mark.parametrize("argv, error", [
+    (["--refresh", "5"], "--refresh goes with --watch"),
+    (["--watch", "--refresh", "0"], "give 1 <= SECONDS <= 86400"),
+    (["--watch", "--refresh", "nan"], "give 1 <= SECONDS <= 86400"),
+    (["--watch", "--refresh", "soon"], "not a number of seconds"),
+    (["--watch", "--daemon"], "--daemon needs --pidfile FILE"),
+    (["--daemon", "--pidfile", "/run/x.pid"], "--daemon goes with --watch"),
+    (["--watch", "--dry-run"], "does not go with --dry-run"),
+    (["--watch", "--flush"], "not allowed with argument --watch"),
+])
+def test_watch_options_are_checked(argv, error, capsys):
+    assert mer.main(argv) == mer.EXIT_USAGE
+    assert error in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_watch_options_defaults():
+    args = mer.parse_args(["--watch", "--pidfile", "x.pid"])
+    assert args.refresh == 60 and not args.daemon and args.pidfile == os.path.abspath("x.pid")
+    assert mer.parse_args(["--watch", "--refresh", "2.5"]).refresh == 2.5
+
+
+@pytest.fixture
+def notify_socket(monkeypatch):
+    """A datagram socket standing in for systemd's; NOTIFY_SOCKET points at it."""
+    directory = tempfile.mkdtemp(prefix="mer-notify-")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(os.path.join(directory, "notify"))
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", os.path.join(directory, "notify"))
+    yield sock
+    sock.close()
+    shutil.rmtree(directory)
+
+
+def test_sd_notify_reaches_a_path_socket(notify_socket):
+    mer.sd_notify("READY=1")
+    assert notify_socket.recv(4096) == b"READY=1"
+
+
+def test_sd_notify_reaches_an_abstract_socket(monkeypatch):
+    name = "mer-test-%d" % os.getpid()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        mer.sd_notify("STATUS=in sync")
+        assert sock.recv(4096) == b"STATUS=in sync"
+
+
+def test_sd_notify_without_systemd_does_nothing(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    mer.sd_notify("READY=1")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/notify")
+    mer.sd_notify("READY=1")  # systemd gone: not the watcher's problem
+
+
+def test_a_failing_converge_is_reported_and_scheduled_never_raised(monkeypatch, notify_socket, capsys):
+    outcomes = [mer.ToolError("ip exited 2: RTNETLINK answers: No such device"), RuntimeError("a bug")]
+
+    def execute(args, started, report=None):
+        raise outcomes.pop(0)
+
+    monkeypatch.setattr(mer, "execute", execute)
+    watcher = mer.Watcher(mer.parse_args(["--watch"]))
+    schedule = mer.Schedule(60, 0.0)
+    assert watcher.converge(schedule) == mer.EXIT_FAILURE
+    assert watcher.converge(schedule) == mer.EXIT_FAILURE
+    assert notify_socket.recv(4096) == (b"STATUS=apply failed: ip exited 2: RTNETLINK answers: "
+                                        b"No such device; retrying in 1 s")
+    assert notify_socket.recv(4096) == b"STATUS=apply failed: unexpected RuntimeError: a bug; retrying in 2 s"
+    assert len(capsys.readouterr().err.splitlines()) == 2
+
+
+def test_a_stop_waits_for_an_apply_under_way_but_not_for_a_read():
+    def inside_converge():
+        return sys._getframe()
+
+    frame_outside = sys._getframe()
+    assert not mer.changing_system(frame_outside)
+    code = mer.Run.converge.__code__
+    fake = type("Frame", (), {"f_code": code, "f_back": frame_outside})()
+    inner = type("Frame", (), {"f_code": inside_converge.__code__, "f_back": fake})()
+    assert mer.changing_system(inner)
+
+
+# -- Lab: the watcher as a process in the instance namespace. ---------------------
+
+def ticks_of(pid):
+    """utime + stime + cutime + cstime of a process, in clock ticks."""
+    with open("/proc/%d/stat" % pid) as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15])
+
+
+def memory_kb(pid, key):
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise AssertionError("%s not in /proc/%d/status" % (key, pid))
+
+
+def wait_for(condition, timeout, interval=0.02, what="the condition"):
+    """Poll until condition() is true; return the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError("%s did not hold within %.1f s" % (what, timeout))
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+class Watching:
+    """The tool's --watch in LAB's instance namespace, with a notify socket
+    standing in for systemd's and its output in a file; killed by close()."""
+
+    def __init__(self, lab, *args, env=None):
+        self.lab = lab
+        self.directory = tempfile.mkdtemp(prefix="mer-watch-")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(os.path.join(self.directory, "notify"))
+        self.output_path = os.path.join(self.directory, "output")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MULTI_ENI_ROUTING")}
+        full_env.update(env or {}, NOTIFY_SOCKET=os.path.join(self.directory, "notify"))
+        with open(self.output_path, "w") as output:
+            self.process = subprocess.Popen(
+                ["ip", "netns", "exec", lab.instance, TOOL_PYTHON, str(TOOL), "--watch", "-v",
+                 *args, "--state-dir", lab.state_dir],
+                stdout=output, stderr=subprocess.STDOUT, env=full_env)
+        self.messages = []
+
+    def receive(self, timeout):
+        """The next sd_notify message, or None after `timeout` seconds."""
+        self.notify.settimeout(max(timeout, 0.001))
+        try:
+            text = self.notify.recv(4096).decode()
+        except socket.timeout:
+            return None
+        self.messages.append(text)
+        return text
+
+    def wait_message(self, prefix, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.receive(deadline - time.monotonic())
+            if text and text.startswith(prefix):
+                return text
+        raise AssertionError("no %r from the watcher within %s s; output:\n%s" % (prefix, timeout, self.output()))
+
+    def statuses_during(self, seconds):
+        """The STATUS lines (one per converge) that come within `seconds`."""
+        deadline, found = time.monotonic() + seconds, []
+        while time.monotonic() < deadline:
+            text = self.receive(deadline - time.monotonic())
+            if text and text.startswith("STATUS="):
+                found.append(text)
+        return found
+
+    def ready(self):
+        self.wait_message("READY=1")
+        return self
+
+    def settle(self, quiet=1.0, timeout=15):
+        """Wait until no converge came for `quiet` seconds (after a change, one
+        follow-up converge checks that nothing else changed meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while self.statuses_during(quiet):
+            if time.monotonic() > deadline:
+                raise AssertionError("the watcher does not settle:\n" + self.output())
+
+    def output(self):
+        with open(self.output_path) as handle:
+            return handle.read()
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.notify.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def watching():
+    started = []
+
+    def start(lab, *args, env=None):
+        watcher = Watching(lab, *args, env=env)
+        started.append(watcher)
+        return watcher
+
+    yield start
+    for watcher in started:
+        watcher.close()
+
+
+def routing(lab, ignore=None):
+    """Rules and routes of every table, each sorted (the kernel lists rules of one
+    priority in the order they were added); without the lines naming `ignore`."""
+    snapshot = lab.snapshot()
+    return {key: sorted(line for line in snapshot[key].splitlines() if not ignore or ignore not in line)
+            for key in ("ip rule", "ip -6 rule", "ip route", "ip -6 route")}
+
+
+def tcp_of(lab, addresses):
+    return {address: lab.tcp_ok(lab.client, address, timeout=1) for address in addresses}
+
+
+def healed_within(lab, applied, addresses, timeout, what, ignore=None):
+    """Seconds until the routing is again exactly `applied`; then every address answers."""
+    took = wait_for(lambda: routing(lab, ignore) == applied, timeout, what=what)
+    assert tcp_of(lab, addresses) == {a: True for a in addresses}
+    return took
+
+
+def apply_once(lab):
+    result = lab.run_tool()
+    assert result.rc == 0, result.stderr
+    return routing(lab)
+
+
+def readd_addresses(lab, eni):
+    """What `networkctl reconfigure` does: every IPv4 address removed, then added
+    again; the kernel drops the routes through the interface from every table."""
+    prefix = eni.subnet4.prefixlen
+    lab.ip(lab.instance, *["addr del %s/%d dev %s" % (a, prefix, eni.name) for a in reversed(eni.addresses4)]
+           + ["addr add %s/%d dev %s" % (a, prefix, eni.name) for a in eni.addresses4])
+
+
+def test_an_address_removed_and_added_again_is_routed_again_within_3_s(make_lab, watching):
+    lab = make_lab()
+    eni = lab.enis[1]
+    applied = apply_once(lab)
+    readd_addresses(lab, eni)  # without the watcher: broken, and nothing mends it
+    assert routing(lab) != applied
+    assert tcp_of(lab, eni.addresses4) == {a: False for a in eni.addresses4}
+
+    watcher = watching(lab).ready()
+    assert routing(lab) == applied  # its first apply
+    watcher.settle()
+    readd_addresses(lab, eni)
+    took = healed_within(lab, applied, eni.addresses4, 3.0, "routing back after the address came back")
+    assert took < 3.0
+
+
+DELETIONS = {
+    # what another program deletes: eth1's rules or its table's routes, per family
+    "rules4": lambda lab: delete_rules(lab, "-4", 22001),
+    "rules6": lambda lab: delete_rules(lab, "-6", 22001),
+    "routes4": lambda lab: lab.ip(lab.instance, "route flush table 22001"),
+    "routes6": lambda lab: lab.ip(lab.instance, "-6 route flush table 22001"),
+}
+
+
+def delete_rules(lab, family, table):
+    rules = json.loads(_run(["ip", "-n", lab.instance, "-j", family, "rule", "show"]).stdout)
+    ours = [r for r in rules if r.get("table") == str(table) and r.get("protocol") in ("231", 231)]
+    assert ours
+    lab.ip(lab.instance, *["%srule del priority %d table %d%s" % (
+        "-6 " if family == "-6" else "", r["priority"], table,
+        " from %s/%s" % (r["src"], r.get("srclen", 32 if family == "-4" else 128))
+        if r.get("src", "all") != "all" else "")
+        for r in ours])
+
+
+@pytest.mark.parametrize("deletion", sorted(DELETIONS))
+def test_a_rule_or_route_deleted_by_another_program_is_back_within_3_s(make_lab, watching, deletion):
+    lab = make_lab()
+    eni = lab.enis[1]
+    reached = eni.addresses6 if deletion.endswith("6") else eni.addresses4
+    applied = apply_once(lab)
+    DELETIONS[deletion](lab)
+    assert routing(lab) != applied
+    assert tcp_of(lab, reached) == {a: False for a in reached}
+
+    watcher = watching(lab).ready()
+    assert routing(lab) == applied
+    watcher.settle()
+    DELETIONS[deletion](lab)
+    took = healed_within(lab, applied, reached, 3.0, "routing back after the deletion")
+    assert took < 3.0
+    assert len(watcher.statuses_during(1.0)) <= 1  # re-adding its own rules wakes nothing
+
+
+def test_an_attached_eni_is_routed_within_5_s_of_coming_up(make_lab, watching):
+    lab = make_lab()
+    apply_once(lab)
+    unrouted = lab.attach_eni()  # only a one-off apply done: its address does not answer
+    assert tcp_of(lab, unrouted.addresses4) == {unrouted.addresses4[0]: False}
+
+    watcher = watching(lab).ready()
+    assert tcp_of(lab, unrouted.addresses4) == {unrouted.addresses4[0]: True}
+    watcher.settle()
+    attached = lab.attach_eni()  # returns once its interface is up and IMDS lists it
+    started = time.monotonic()
+    wait_for(lambda: lab.tcp_ok(lab.client, attached.addresses4[0], timeout=0.5), 5.0,
+             interval=0, what="the attached ENI's address answering")
+    assert time.monotonic() - started < 5.0
+
+
+def table_lines(lab, table):
+    lines = []
+    for family in ("-4", "-6"):
+        rules = _run(["ip", "-n", lab.instance, family, "rule", "show"]).stdout
+        lines += [line for line in rules.splitlines() if "lookup %d " % table in line + " "]
+        lines += _run(["ip", "-n", lab.instance, family, "route", "show", "table", str(table)]).stdout.splitlines()
+    return lines
+
+
+def state_mentions(lab, word):
+    for path in Path(lab.state_dir).glob("state*.json"):
+        with contextlib.suppress(FileNotFoundError):  # replaced or removed meanwhile
+            if word in path.read_text():
+                return True
+    return False
+
+
+def test_a_detached_enis_routing_goes_with_its_interface(make_lab, watching):
+    lab = make_lab(enis=3)
+    apply_once(lab)
+    lab.detach_eni(lab.enis[2])  # only a one-off apply done: its rules stay
+    assert table_lines(lab, 22002)
+
+    watcher = watching(lab).ready()
+    assert table_lines(lab, 22002) == []
+    watcher.settle()
+    eth1 = lab.enis[1]
+    assert table_lines(lab, 22001)
+    lab.detach_eni(eth1)
+    wait_for(lambda: table_lines(lab, 22001) == [] and not state_mentions(lab, "eth1"),
+             3.0, what="eth1's rules, routes and state gone")
+    assert lab.tcp_ok(lab.client, lab.enis[0].addresses4[0])
+
+
+def test_an_address_assigned_in_imds_only_is_routed_within_the_refresh(make_lab, watching):
+    lab = make_lab()
+    eni = lab.enis[1]
+    apply_once(lab)
+    lab.add_address(eni, "203.0.113.20", on_instance=False)  # assigned in EC2 only
+    assert not lab.tcp_ok(lab.client, "203.0.113.20", timeout=1)
+
+    refresh = 3
+    watcher = watching(lab, "--refresh", str(refresh)).ready()
+    assert lab.tcp_ok(lab.client, "203.0.113.20")
+    watcher.settle()
+    lab.add_address(eni, "203.0.113.21", on_instance=False)  # no event: only the refresh finds it
+    wait_for(lambda: lab.tcp_ok(lab.client, "203.0.113.21", timeout=0.5), refresh + 2.0, interval=0,
+             what="the address assigned in IMDS answering")
+    watcher.settle()  # its own address addition caused one follow-up converge, then quiet
+    assert len(watcher.statuses_during(refresh - 1.0)) <= 1
+
+
+def test_idle_it_costs_under_half_a_second_of_cpu_per_10_s_and_under_40_mb(make_lab, watching):
+    lab = make_lab()
+    watcher = watching(lab, "--refresh", "5").ready()
+    watcher.settle()
+    pid = watcher.process.pid
+    before = ticks_of(pid)
+    converges = watcher.statuses_during(10.0)
+    used = (ticks_of(pid) - before) / os.sysconf("SC_CLK_TCK")
+    assert 1 <= len(converges) <= 3, converges  # the refreshes, no loop
+    assert all("in sync" in status for status in converges), converges
+    assert used < 0.5, "%.2f s of CPU in 10 s idle" % used
+    assert memory_kb(pid, "VmHWM") < 40 * 1024
+    assert memory_kb(pid, "VmRSS") < 40 * 1024
+
+
+def test_its_own_changes_wake_it_once_at_most_then_it_stays_idle(make_lab, watching):
+    lab = make_lab(configure_secondaries=False)  # the first apply adds them, from IMDS
+    watcher = watching(lab).ready()
+    assert "applied:" in watcher.messages[0]
+    after = watcher.statuses_during(2.0)
+    assert [status[:15] for status in after] == ["STATUS=in sync:"]  # its own new addresses, checked once
+    assert watcher.statuses_during(3.0) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_it_with_0_within_5_s_leaving_the_routing_applied(make_lab, watching, signum):
+    lab = make_lab()
+    watcher = watching(lab).ready()
+    watcher.settle()
+    applied = lab.snapshot()
+    started = time.monotonic()
+    watcher.process.send_signal(signum)
+    assert watcher.process.wait(5) == 0
+    assert time.monotonic() - started < 5
+    assert lab.snapshot() == applied  # rules, routes, mangle, addresses, sysctls: all as they were
+    assert "Traceback" not in watcher.output()
+
+
+@contextlib.contextmanager
+def lock_held(lab):
+    """The lock a one-off run holds while it applies."""
+    import fcntl
+    os.makedirs(lab.state_dir, exist_ok=True)
+    with open(os.path.join(lab.state_dir, "lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def test_a_converge_waits_for_a_one_off_run_holding_the_lock(make_lab, watching):
+    lab = make_lab()
+    watcher = watching(lab).ready()
+    applied = routing(lab)
+    watcher.settle()
+    with lock_held(lab):
+        DELETIONS["rules4"](lab)
+        wait_for(lambda: "converge soon" in watcher.output(), 5, what="the deletion seen")
+        assert watcher.statuses_during(1.5) == []  # waiting for the lock: no converge
+        assert routing(lab) != applied
+    healed_within(lab, applied, lab.enis[1].addresses4, 3.0, "routing back once the lock is free")
+
+
+def test_a_stop_while_waiting_for_the_lock_ends_it_within_5_s(make_lab, watching):
+    lab = make_lab()
+    watcher = watching(lab).ready()
+    watcher.settle()
+    with lock_held(lab):
+        DELETIONS["rules4"](lab)
+        wait_for(lambda: "converge soon" in watcher.output(), 5, what="the deletion seen")
+        time.sleep(mer.WATCH_MAX_DELAY)  # past the debounce: it waits for the lock (up to 60 s)
+        started = time.monotonic()
+        watcher.process.send_signal(signal.SIGTERM)
+        assert watcher.process.wait(5) == 0
+        assert time.monotonic() - started < 5
+    assert "Traceback" not in watcher.output()
+
+
+def test_without_imds_it_keeps_what_was_correct(make_lab, watching):
+    lab = make_lab()
+    eni = lab.enis[1]
+    lab.add_address(eni, "203.0.113.20", on_instance=False)
+    watcher = watching(lab, "--refresh", "1").ready()
+    applied = routing(lab)
+    assert lab.tcp_ok(lab.client, "203.0.113.20")
+    lab.imds.go_silent()
+    statuses = watcher.statuses_during(6.0)
+    assert statuses and all("in sync" in s for s in statuses), statuses
+    assert routing(lab) == applied
+    assert lab.tcp_ok(lab.client, "203.0.113.20")  # the address added from IMDS stays
+
+
+def test_a_failing_apply_is_retried_with_backoff_and_ready_is_sent_all_the_same(make_lab, watching):
+    lab = make_lab()
+    watcher = watching(lab, env={"MULTI_ENI_ROUTING_FAIL_AFTER": "1"})
+    first = watcher.wait_message("STATUS=")
+    assert first.startswith("STATUS=apply failed: ") and first.endswith("; retrying in 1 s")
+    assert watcher.wait_message("READY=1")
+    assert watcher.wait_message("STATUS=", timeout=5).endswith("retrying in 2 s")
+    assert watcher.wait_message("STATUS=", timeout=5).endswith("retrying in 4 s")
+    assert watcher.process.poll() is None
+    assert "Traceback" not in watcher.output()
+
+
+def test_a_netlink_overrun_gives_a_full_converge(make_lab, watching):
+    lab = make_lab()
+    watcher = watching(lab).ready()
+    applied = routing(lab)
+    watcher.settle()
+    os.kill(watcher.process.pid, signal.SIGSTOP)
+    try:  # far more messages than its receive buffer holds, and a deletion among them
+        lab.ip(lab.instance, "link add flood0 type veth peer name flood1",
+               *["addr add 198.18.%d.%d/32 dev flood0" % (128 + i // 250, 1 + i % 250) for i in range(12000)])
+        DELETIONS["rules4"](lab)
+    finally:
+        os.kill(watcher.process.pid, signal.SIGCONT)
+    healed_within(lab, applied, lab.enis[1].addresses4, 3.0, "routing back after an overrun",
+                  ignore="flood0")  # its addresses' local routes
+    assert "netlink overrun" in watcher.output()
+
+
+def test_as_a_daemon_it_detaches_writes_its_pid_file_and_watches(make_lab):
+    lab = make_lab()
+    pidfile = os.path.join(lab.tmpdir, "watch.pid")
+    daemon_pid = None
+    try:
+        result = lab.run_tool("--watch", "--daemon", "--pidfile", pidfile, timeout=30)
+        assert result.rc == 0, result.stderr
+        assert "applied:" in result.stdout  # the first apply's summary, from the parent
+        daemon_pid = int(Path(pidfile).read_text())
+        assert os.getsid(daemon_pid) == daemon_pid  # its own session
+        assert os.readlink("/proc/%d/cwd" % daemon_pid) == "/"
+        applied = routing(lab)
+        DELETIONS["rules4"](lab)
+        healed_within(lab, applied, lab.enis[1].addresses4, 3.0, "routing back, by the daemon")
+        os.kill(daemon_pid, signal.SIGTERM)
+        wait_for(lambda: not os.path.exists("/proc/%d" % daemon_pid), 5, what="the daemon gone")
+        assert not os.path.exists(pidfile)
+        assert routing(lab) == applied
+    finally:
+        if daemon_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon_pid, signal.SIGKILL)
+
+
+def test_as_a_daemon_a_usage_error_leaves_no_process_behind(make_lab):
+    lab = make_lab()
+    pidfile = os.path.join(lab.tmpdir, "watch.pid")
+    result = lab.run_tool("--watch", "--daemon", "--pidfile", pidfile, "-i", "nosuch0")
+    assert result.rc == mer.EXIT_USAGE
+    assert result.stderr.strip().splitlines() == ["multi-eni-routing: error: no such interface: nosuch0"]
+    assert not os.path.exists(pidfile)
+    assert _run(["ip", "netns", "pids", lab.instance]).stdout.split() == []
+
+
+def test_as_a_daemon_a_pid_file_it_cannot_write_is_one_line_and_exit_1(make_lab):
+    lab = make_lab()
+    pidfile = os.path.join(lab.tmpdir, "no-such-directory", "watch.pid")
+    result = lab.run_tool("--watch", "--daemon", "--pidfile", pidfile, "-q")
+    assert result.rc == mer.EXIT_FAILURE
+    assert result.stderr.strip().splitlines() == [
+        "multi-eni-routing: error: cannot write the pid file %s: No such file or directory" % pidfile]
+    wait_for(lambda: _run(["ip", "netns", "pids", lab.instance]).stdout.split() == [], 5,
+             what="no process left in the instance namespace")
