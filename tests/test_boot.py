@@ -242,6 +242,7 @@ def test_install_now_routes_every_address(booted):
     secondary = lab.enis[1].addresses4[0]
     assert not lab.tcp_ok(lab.client, secondary), "eth1 answers without the tool: the lab is wrong"
     result = machine.sh("cd %s && sh install.sh --now" % SRC)
+    print(result.stdout + result.stderr)
     assert "enabled %s" % UNIT in result.stdout
     assert active(machine) == "active"
     wait_for(lambda: all_answer(lab), 10, "every address answering")
