@@ -6,8 +6,8 @@ a tarball in CACHE (outside the source tree); every use extracts a fresh copy
 and deletes it afterwards. Two ways to use one:
 
 - chroot(): run a shell command in it as root, inside a private mount namespace
-  (`unshare --mount`), so that its /proc, /sys, /dev and /run mounts vanish with
-  the command, also when it is killed. /run is a tmpfs of its own (`ip netns`
+  (`unshare --mount`) whose root it becomes (pivot_root), so that its /proc,
+  /sys, /dev and /run mounts vanish with the command, also when it is killed. /run is a tmpfs of its own (`ip netns`
   works inside and never touches the host's /run); a policy-rc.d keeps package
   installs from starting services; the machine's CA bundle and PIP_* settings
   are copied in, as a cloud image has its own.
@@ -162,7 +162,13 @@ mount --rbind /dev "$root/dev"
 mount -t tmpfs -o mode=0755 tmpfs "$root/run"
 mkdir -p "$root/run/netns" "$root/run/lock"
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
-exec chroot "$root" /bin/sh -c "$1"
+# pivot_root, not only chroot: the root is then the root of this mount
+# namespace, as on a machine (paths in /proc read as they would there, also
+# from processes in other mount namespaces, such as `ip netns exec` makes)
+mkdir "$root/.old-root"
+cd "$root"
+pivot_root . .old-root
+exec chroot . /bin/sh -c 'umount -l /.old-root && rmdir /.old-root && cd / && exec /bin/sh -c "$1"' sh "$1"
 """
 
 
