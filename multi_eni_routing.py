@@ -44,16 +44,30 @@ PROG = "multi-eni-routing"
 # uses it; every rule and route the tool adds carries it.
 RT_PROTO = 231
 
-# One table per ENI: TABLE_BASE + 100 x network-card + device-number, stable across
-# reboots and re-attachment. Clear of amazon-ec2-net-utils (10000+) and cloud-init (100+).
+# One table per ENI: TABLE_BASE + its slot. Clear of amazon-ec2-net-utils
+# (10000+), cloud-init (100+) and the VPC CNI (device + 1).
 TABLE_BASE = 22000
 TABLE_LAST = 22999
 
-# Rule priorities, in the order the kernel walks them (slot = 16 x card + device):
+# Rule priorities, in the order the kernel walks them (per ENI: + its slot). The
+# kernel walks rules one by one on every lookup a socket's cached route does not
+# spare, so their number grows with ENIs, never with addresses.
 PRIO_FWMARK = 20000  # +slot: replies of connections that came in on the ENI
-PRIO_SUBNETS = 20100  # +slot: from ADDR to ENI subnets, before main's connected routes
-PRIO_MAIN = 20200  # main without its default: docker, VPN and admin routes win
-PRIO_SOURCE = 20300  # +slot: from ADDR, everything else (the ENI's default route)
+PRIO_MAIN = 20200  # main, except routes through an ENI: docker, VPN and admin routes win
+PRIO_SOURCE = 20300  # +slot: from the ENI's subnets, prefixes and (where needed) addresses
+PRIO_LAST = 20399  # what the tool owns: protocol RT_PROTO rules in 20000-20399
+SLOTS_MAX = PRIO_LAST - PRIO_SOURCE + 1  # 100 ENIs; the mark mask may allow fewer
+
+# The ENIs' link group: `lookup main suppress_ifgroup ENI_GROUP` lets main's routes
+# win unless they go out through an ENI, so another ENI's route in main (a
+# resolver route via eth0, an admin's route via eth0's router) never takes the
+# traffic of an eth1 address. Links in this group are the tool's; the tool only
+# moves links out of the default group 0, and back to it on flush.
+ENI_GROUP = 231
+
+# Interface names that are safe as words of an `ip -batch` line (no `#` comment,
+# quote or space) and as iptables interface names (no `+` wildcard).
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 # Connmark bits: clear of Kubernetes (0x4000, 0x8000), the VPC CNI (0x80) and
 # Calico (0xffff0000). Mark of an ENI = (slot + 1) shifted into the mask.
@@ -212,40 +226,53 @@ def find_programs(names):
 
 # -- Data model: plain tuples between the stages. ---------------------------------
 
-# A network interface as `ip -j addr` shows it, with its global addresses.
-Link = collections.namedtuple("Link", "name index mac master up ipv4 ipv6")
+FAMILIES = (4, 6)
+
+# A network interface as `ip -j addr` shows it; `addresses` by family: its global
+# addresses as LinkAddress.
+Link = collections.namedtuple("Link", "name index mac master up group addresses")
 LinkAddress = collections.namedtuple("LinkAddress", "ip prefixlen")  # strings as `ip` prints
 # A main-table route: what DHCP, RAs and the kernel left (gateways, connected subnets).
 MainRoute = collections.namedtuple("MainRoute", "family dst gateway dev")
-# An ENI as the plan sees it; `added_ipv4/6` are the addresses the tool adds or
-# keeps (from IMDS), `origin` says who named it an ENI: "imds" or "local".
-Eni = collections.namedtuple("Eni", [
-    "name", "mac", "device_number", "network_card", "ipv4", "ipv6", "added_ipv4", "added_ipv6",
-    "subnets4", "subnets6", "gateway4", "gateway6", "prefixes4", "prefixes6", "origin"])
+# A rule of someone else's: only where it points matters (does it name an address?).
+ForeignRule = collections.namedtuple("ForeignRule", "family priority src dst")
+# An ENI as the plan sees it. `slot` numbers its table, rule priorities and mark;
+# `origin` says who named it an ENI: "imds" or "local"; `families` maps 4 and 6
+# to an EniFamily.
+Eni = collections.namedtuple("Eni", "name index mac slot network_card device_number origin families")
+# One address family of an ENI. `addresses`: to route (configured, or added from
+# IMDS); `added`: those the tool adds or keeps; `subnets`: ipaddress networks;
+# `prefixes`: delegated prefixes; `refused`: (address, why) that IMDS lists but
+# something else routes elsewhere, so the tool does not add them.
+EniFamily = collections.namedtuple("EniFamily", "addresses added subnets gateway prefixes refused")
+NO_FAMILY = EniFamily((), (), (), None, (), ())
 # What the tool owns, in a form both the plan and the running system produce:
-# rules, routes, mangle fragments (per family), sysctls and added addresses.
-Rule = collections.namedtuple("Rule", "family priority src fwmark table suppress")
+# rules, routes, mangle fragments by family, sysctls, added addresses, and the
+# links it put in ENI_GROUP.
+Rule = collections.namedtuple("Rule", "family priority src iif fwmark table suppress_prefixlength suppress_ifgroup")
 Route = collections.namedtuple("Route", "family table dst gateway dev")
 Mangle = collections.namedtuple("Mangle", "jumps chains")  # chains: ((name, (spec, ...)), ...)
 Address = collections.namedtuple("Address", "dev cidr")
-OwnedState = collections.namedtuple("OwnedState", "rules routes mangle4 mangle6 sysctls addresses")
+OwnedState = collections.namedtuple("OwnedState", "rules routes mangle sysctls addresses groups")
 # Everything discovery read from the system.
-System = collections.namedtuple("System", "links main_routes rules routes mangle4 mangle6 sysfs ipv6")
-# The changes to make, one list per tool, plus sysctl writes (key, new, old).
-Changes = collections.namedtuple("Changes", "ip4 ip6 iptables4 iptables6 sysctls")
+System = collections.namedtuple("System", "links main_routes rules foreign_rules routes mangle sysfs ipv6")
+# The changes to make: `ip` batch lines and iptables-restore lines by family,
+# plus sysctl writes (key, new, old).
+Changes = collections.namedtuple("Changes", "ip iptables sysctls")
 
 NO_MANGLE = Mangle((), ())
-NOTHING = OwnedState(frozenset(), frozenset(), NO_MANGLE, NO_MANGLE, {}, frozenset())  # flushed
-
-
-def slot_of(eni):
-    """The ENI's slot: orders its rules and numbers its connection mark."""
-    return 16 * eni.network_card + eni.device_number
+NOTHING = OwnedState(frozenset(), frozenset(), {4: NO_MANGLE, 6: NO_MANGLE}, {}, frozenset(),
+                     frozenset())  # flushed
 
 
 def table_of(eni):
     """The ENI's routing table number."""
-    return TABLE_BASE + 100 * eni.network_card + eni.device_number
+    return TABLE_BASE + eni.slot
+
+
+def rule(family, priority, table, src=None, iif=None, fwmark=None, suppress_ifgroup=None):
+    """A Rule of the tool's, with the fields it does not use left out."""
+    return Rule(family, priority, src, iif, fwmark, table, None, suppress_ifgroup)
 
 
 # -- Discover: read-only. First the commands, then pure parsers of their output. --
@@ -285,31 +312,29 @@ def read_outputs(programs, names=ALL_SOURCES):
 def sources_touched(changes):
     """The READ_COMMANDS whose output the changes can alter: verify re-reads only those."""
     names = set()
-    if changes.ip4:
-        names |= {"rule4", "route4"}
-    if changes.ip6:
-        names |= {"rule6", "route6"}
-    if any(line.startswith("address") for line in changes.ip4 + changes.ip6):
-        names.add("addr")
-    if changes.iptables4:
-        names.add("mangle4")
-    if changes.iptables6:
-        names.add("mangle6")
+    for family in FAMILIES:
+        if changes.ip[family]:
+            names |= {"rule%d" % family, "route%d" % family}
+        if any(line.startswith(("address", "link")) for line in changes.ip[family]):
+            names.add("addr")
+        if changes.iptables[family]:
+            names.add("mangle%d" % family)
     return names
 
 
 def parse_system(outputs, sysfs, ipv6=True):
     """A System from the outputs of READ_COMMANDS (pure: testable from recordings)."""
-    rules = (parse_rules(load_json(outputs["rule4"], "ip -4 rule"), 4)
-             + parse_rules(load_json(outputs["rule6"], "ip -6 rule"), 6))
-    routes = (parse_routes(load_json(outputs["route4"], "ip -4 route"), 4)
-              + parse_routes(load_json(outputs["route6"], "ip -6 route"), 6))
+    rules, routes = [], []
+    for family in FAMILIES:
+        rules += parse_rules(load_json(outputs["rule%d" % family], "ip -%d rule" % family), family)
+        routes += parse_routes(load_json(outputs["route%d" % family], "ip -%d route" % family), family)
     return System(
         links=parse_links(load_json(outputs["addr"], "ip address")),
         main_routes=[route for route in routes if isinstance(route, MainRoute)],
-        rules=rules,
+        rules=[r for r in rules if isinstance(r, Rule)],
+        foreign_rules=[r for r in rules if isinstance(r, ForeignRule)],
         routes=[route for route in routes if isinstance(route, Route)],
-        mangle4=parse_mangle(outputs["mangle4"]), mangle6=parse_mangle(outputs["mangle6"]),
+        mangle={family: parse_mangle(outputs["mangle%d" % family]) for family in FAMILIES},
         sysfs=sysfs, ipv6=ipv6)
 
 
@@ -321,20 +346,34 @@ def load_json(text, what):
         raise ToolError("could not parse the JSON output of %s" % what)
 
 
+ADDRESS_FAMILIES = {"inet": 4, "inet6": 6}
+
+
 def parse_links(data):
     """Links with their global addresses, from `ip -j address show`."""
     links = []
     for entry in data:
-        addrs = {"inet": [], "inet6": []}
+        addrs = {4: [], 6: []}
         for info in entry.get("addr_info", []):
-            if info.get("scope") == "global" and info.get("family") in addrs:
-                addrs[info["family"]].append(LinkAddress(info["local"], info["prefixlen"]))
+            if info.get("scope") == "global" and info.get("family") in ADDRESS_FAMILIES:
+                addrs[ADDRESS_FAMILIES[info["family"]]].append(LinkAddress(info["local"], info["prefixlen"]))
         links.append(Link(
             name=entry["ifname"], index=entry.get("ifindex", 0),
             mac=(entry.get("address") or "").lower(),
             master=entry.get("master"), up="UP" in entry.get("flags", []),
-            ipv4=tuple(addrs["inet"]), ipv6=tuple(addrs["inet6"])))
+            group=group_number(entry.get("group")),
+            addresses={family: tuple(found) for family, found in addrs.items()}))
     return links
+
+
+def group_number(value):
+    """A link group as a number; `ip` prints group 0 as "default"."""
+    if value in (None, "default"):
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        return value  # named in /etc/iproute2/group: someone else's
 
 
 def table_number(value):
@@ -357,19 +396,25 @@ def host_cidr(address, length=None):
 
 
 def parse_rules(data, family):
-    """The tool's own rules (protocol RT_PROTO) from `ip -j rule show`."""
+    """From `ip -j rule show`: the tool's own rules (protocol RT_PROTO) as Rule,
+    the others as ForeignRule."""
     rules = []
     for entry in data:
-        if str(entry.get("protocol")) != str(RT_PROTO):
-            continue
         src = entry.get("src", "all")
+        src = None if src == "all" else host_cidr(src, entry.get("srclen"))
+        if str(entry.get("protocol")) != str(RT_PROTO):
+            dst = entry.get("dst", "all")
+            rules.append(ForeignRule(family, entry.get("priority"), src,
+                                     None if dst == "all" else host_cidr(dst, entry.get("dstlen"))))
+            continue
         fwmark = entry.get("fwmark")
+        group = entry.get("suppress_ifgroup")
         rules.append(Rule(
-            family=family, priority=entry["priority"],
-            src=None if src == "all" else host_cidr(src, entry.get("srclen")),
+            family=family, priority=entry["priority"], src=src, iif=entry.get("iif"),
             fwmark=None if fwmark is None else "%s/%s" % (fwmark, entry.get("fwmask", "0xffffffff")),
             table=table_number(entry.get("table")),
-            suppress=entry.get("suppress_prefixlen")))
+            suppress_prefixlength=entry.get("suppress_prefixlen"),
+            suppress_ifgroup=None if group is None else group_number(group)))
     return rules
 
 
@@ -439,13 +484,12 @@ def kernel_version():
 
 
 def netns_id():
-    """The network namespace's inode: keeps state of lab namespaces apart."""
+    """This network namespace's own inode: one state record per namespace,
+    whatever PID 1 is and whether its namespace can be read."""
     try:
-        own = os.stat("/proc/self/ns/net").st_ino
-        init = os.stat("/proc/1/ns/net").st_ino
+        return os.stat("/proc/self/ns/net").st_ino
     except OSError:
-        return None
-    return None if own == init else own
+        return 0
 
 
 # -- Discover: instance metadata (IMDSv2, bounded, never trusted blindly). --------
@@ -454,16 +498,23 @@ class ImdsError(Exception):
     """IMDS did not give a usable answer."""
 
 
-ImdsEni = collections.namedtuple("ImdsEni", [
-    "mac", "device_number", "network_card", "interface_id", "ipv4s", "ipv6s",
-    "subnets4", "subnets6", "prefixes4", "prefixes6"])
+# One address family of an ENI: addresses as canonical strings (the primary IPv4
+# first, as IMDS lists it), subnets and delegated prefixes as ipaddress networks.
+ImdsFamily = collections.namedtuple("ImdsFamily", "addresses subnets prefixes")
+ImdsEni = collections.namedtuple("ImdsEni", "mac device_number network_card interface_id families")  # {4:, 6:}
 Imds = collections.namedtuple("Imds", "primary_mac enis")
+
+# The keys of an ENI's directory the tool reads per family: addresses, subnets, prefixes.
+FAMILY_KEYS = {4: ("local-ipv4s", "subnet-ipv4-cidr-block", "ipv4-prefix"),
+               6: ("ipv6s", "subnet-ipv6-cidr-blocks", "ipv6-prefix")}
+IMDS_CONNECTIONS = 4  # ENIs fetched at once: 15 ENIs in a third of the time, a few hundred packets in all
+IMDS_KEY = re.compile(r"^[A-Za-z0-9._-]+/?$")  # a name in a directory listing (junk is refused)
 
 
 class ImdsClient:
     """A small IMDSv2 client: token first, v1 if the token call is unknown, retries
     with backoff on 404 (a new ENI not propagated yet), 429 and 5xx, and one
-    deadline over everything."""
+    deadline over everything. another() gives a client for a second thread."""
 
     RETRIED = (429, 500, 502, 503, 504)  # throttled or briefly unavailable
 
@@ -473,6 +524,7 @@ class ImdsClient:
         self.deadline = time.monotonic() + timeout
         self.endpoints = endpoints or IMDS_ENDPOINTS
         self.port = port or IMDS_PORT
+        self.host = None
         self.conn = None
         self.token = None
 
@@ -498,6 +550,7 @@ class ImdsClient:
                 problems.append("%s: %s" % (host, describe_socket_error(exc)))
                 self.conn.close()
                 continue
+            self.host = host
             if status == 200 and body.strip():
                 self.token = body.strip()
                 log.info("instance metadata: IMDSv2 at %s", host)
@@ -508,6 +561,14 @@ class ImdsClient:
             problems.append("%s: token refused (HTTP %s)" % (host, status))
             self.conn.close()
         raise ImdsError("; ".join(problems) or "no time left")
+
+    def another(self):
+        """A client for another thread, after connect(): the same endpoint, token
+        and deadline, its own connection (an HTTPConnection serves one request at a time)."""
+        other = object.__new__(ImdsClient)
+        other.__dict__.update(self.__dict__)
+        other.conn = self.http.HTTPConnection(self.host, self.port, timeout=IMDS_CONNECT_TIMEOUT)
+        return other
 
     def request(self, method, path, headers):
         """One HTTP exchange on the kept-alive connection: (status, body text)."""
@@ -583,9 +644,7 @@ def fetch_imds(client, expected_macs=()):
         macs = listed_macs(client, expected_macs)
         if primary not in macs:
             raise ImdsError("the primary MAC %s is not among the ENIs" % primary)
-        enis = {}
-        for mac in macs:
-            enis[mac] = fetch_imds_eni(client, mac, is_primary=(mac == primary))
+        enis = fetch_imds_enis(client, macs, primary)
     finally:
         client.close()
     return Imds(primary, enis)
@@ -607,30 +666,93 @@ def listed_macs(client, expected_macs):
         delay = min(2 * delay, 1.0)
 
 
+def fetch_imds_enis(client, macs, primary):
+    """{mac: ImdsEni}, fetched on up to IMDS_CONNECTIONS connections at once, one
+    thread each: an ENI is a few round trips, most of them waiting. The first
+    error stops every thread and is raised."""
+    workers = [client] + [client.another() for _ in range(min(IMDS_CONNECTIONS, len(macs)) - 1)]
+    pending = list(reversed(macs))
+    enis, errors, lock = {}, [], threading.Lock()
+
+    def take():
+        with lock:
+            return pending.pop() if pending and not errors else None
+
+    def work(worker):
+        try:
+            for mac in iter(take, None):
+                enis[mac] = fetch_imds_eni(worker, mac, is_primary=(mac == primary))
+        except Exception as exc:  # noqa: BLE001 (raised again in the calling thread)
+            with lock:
+                errors.append(exc)
+            for other in workers:
+                other.deadline = 0  # the others stop retrying: the answer is refused anyway
+        finally:
+            worker.close()
+
+    threads = [threading.Thread(target=work, args=(worker,), daemon=True) for worker in workers[1:]]
+    for thread in threads:
+        thread.start()
+    work(client)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return {mac: enis[mac] for mac in macs}
+
+
 def fetch_imds_eni(client, mac, is_primary):
-    """One ENI's meta-data. A listed ENI may 404 or say device 0 for a moment."""
+    """One ENI's meta-data: its listing, then only the keys it has that the tool
+    reads (a typical ENI: 5 requests). A key it does not list is absent, not late:
+    no local-ipv4s is an IPv6-only ENI. A listed ENI may 404 or say device 0 for a
+    moment after it is attached."""
     base = "network/interfaces/macs/%s/" % mac
+    keys = eni_keys(client, base)
 
-    def field(name, retry_missing=False):
-        return client.get(base + name, retry_missing=retry_missing)
+    def field(name):  # a listed key that 404s is late: asked again while time is left
+        return client.get(base + name, missing_ok=False, retry_missing=True) if name in keys else None
 
-    device_number = parse_int(field("device-number", retry_missing=True), "device-number")
-    while device_number == 0 and not is_primary and client.remaining() > 0.1:
+    card = field("network-card")  # listed on multi-card instance types only
+    card = 0 if card is None else parse_int(card, "network-card")
+    # Device 0 of card 0 is the primary's; every other card has a device 0 of its own.
+    device_number = parse_int(field("device-number"), "device-number")
+    while device_number == 0 and card == 0 and not is_primary and client.remaining() > 0.1:
         time.sleep(0.1)  # a just-attached ENI reports 0 before its real number
-        device_number = parse_int(field("device-number", retry_missing=True), "device-number")
-    if device_number == 0 and not is_primary:
+        device_number = parse_int(field("device-number"), "device-number")
+    if device_number == 0 and card == 0 and not is_primary:
         raise ImdsError("%s: device-number stays 0 for a secondary ENI" % mac)
-    card = field("network-card")
     return ImdsEni(
-        mac=mac, device_number=device_number,
-        network_card=0 if card is None else parse_int(card, "network-card"),
+        mac=mac, device_number=device_number, network_card=card,
         interface_id=(field("interface-id") or "").strip(),
-        ipv4s=parse_addresses(field("local-ipv4s", retry_missing=True), 4, "local-ipv4s"),
-        ipv6s=parse_addresses(field("ipv6s"), 6, "ipv6s"),
-        subnets4=parse_networks(field("subnet-ipv4-cidr-block"), 4, "subnet-ipv4-cidr-block"),
-        subnets6=parse_networks(field("subnet-ipv6-cidr-blocks"), 6, "subnet-ipv6-cidr-blocks"),
-        prefixes4=parse_networks(field("ipv4-prefix"), 4, "ipv4-prefix"),
-        prefixes6=parse_networks(field("ipv6-prefix"), 6, "ipv6-prefix"))
+        families={family: imds_family(field, family) for family in FAMILY_KEYS})
+
+
+def eni_keys(client, base):
+    """The names an ENI's directory lists. While it 404s or lacks device-number
+    (just attached, not propagated yet), asked again as long as time is left."""
+    delay = 0.1
+    while True:
+        listing = client.get(base, missing_ok=False, retry_missing=True)
+        keys = {line.strip() for line in listing.split()}
+        bad = sorted(key for key in keys if not IMDS_KEY.match(key))
+        if bad:
+            raise ImdsError("%s: not a key listing: %r" % (base, bad[0][:40]))
+        if "device-number" in keys:
+            return {key.rstrip("/") for key in keys}
+        if client.remaining() < delay:
+            raise ImdsError("%s lists no device-number" % base)
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+
+
+def imds_family(field, family):
+    """One family's ImdsFamily. Its subnet is asked for only where the ENI has
+    addresses or prefixes of that family (an IPv4-only ENI in a dual-stack subnet)."""
+    addresses_key, subnets_key, prefixes_key = FAMILY_KEYS[family]
+    addresses = parse_addresses(field(addresses_key), family, addresses_key)
+    prefixes = parse_networks(field(prefixes_key), family, prefixes_key)
+    subnets = parse_networks(field(subnets_key), family, subnets_key) if addresses or prefixes else ()
+    return ImdsFamily(addresses, subnets, prefixes)
 
 
 def parse_mac(text):
@@ -680,19 +802,21 @@ def looks_like_eni(link, sysfs):
     return has_device and driver in ENI_DRIVERS and link.master is None and bool(link.mac)
 
 
-def managed_tables(system):
-    """Interface name -> table the tool routes it with now (survives IMDS gaps)."""
-    tables = {}
+def routed_slots(system):
+    """Interface name -> the slot the tool routes it with now (survives IMDS gaps)."""
+    slots = {}
     for route in system.routes:
-        tables.setdefault(route.dev, route.table)
-    return tables
+        slots.setdefault(route.dev, route.table - TABLE_BASE)
+    return slots
 
 
-def select_enis(system, imds, include=(), exclude=(), add_from_imds=True, owned_addresses=frozenset()):
+def select_enis(system, imds, include=(), exclude=(), add_from_imds=True, owned_addresses=frozenset(),
+                remembered=None, max_slots=SLOTS_MAX):
     """The ENIs to route, primary first, each with its addresses, subnets and gateways.
-    `owned_addresses` are those the tool added earlier (from its state record)."""
+    `owned_addresses` are those the tool added earlier, `remembered` the slots
+    it gave (card, device) pairs (both from its state record)."""
     links = {link.name: link for link in system.links}
-    known = managed_tables(system)
+    routed = routed_slots(system)
     if include:
         candidates = [(links[name], imds and imds.enis.get(links[name].mac)) for name in unique(include)]
     elif imds:
@@ -701,17 +825,23 @@ def select_enis(system, imds, include=(), exclude=(), add_from_imds=True, owned_
         candidates = [(link, None) for link in fallback_nics(system)]
     if not include:  # an ENI routed before but missing from this answer stays
         names = {link.name for link, _ in candidates}
-        for name in sorted(known):
+        for name in sorted(routed):
             if name in links and name not in names:
                 log.warning("%s is routed but missing from the current answer: kept as it is", name)
                 candidates.append((links[name], None))
-    candidates = [(link, meta) for link, meta in candidates if link.name not in exclude]
+        for link in [link for link, _ in candidates if not SAFE_NAME.match(link.name)]:
+            log.warning("%r is not a name the tool can route safely ([A-Za-z0-9_.-], 1-15 "
+                        "characters): skipped", link.name)
+    candidates = [(link, meta) for link, meta in candidates
+                  if link.name not in exclude and SAFE_NAME.match(link.name)]
     for link in [link for link, _ in candidates if not link.up]:
-        log.info("%s is down: routed once it is up (the hotplug and network hooks re-run)", link.name)
+        log.info("%s is down: routed once it is up", link.name)
     candidates = [(link, meta) for link, meta in candidates if link.up]
+    numbers = numbers_of(candidates)
+    slots = slots_of(numbers, [routed.get(link.name) for link, _ in candidates], remembered or {}, max_slots)
     owned = {(a.dev, a.cidr.split("/")[0]) for a in owned_addresses}
-    return [build_eni(link, device, card, meta, system.main_routes, add_from_imds, owned, system.ipv6)
-            for (link, meta), (card, device) in zip(candidates, numbers_of(candidates, known))]
+    return [build_eni(link, number, slot, meta, system, add_from_imds, owned)
+            for (link, meta), number, slot in zip(candidates, numbers, slots)]
 
 
 def imds_candidates(links, imds):
@@ -734,19 +864,17 @@ def fallback_nics(system):
     return sorted(nics, key=lambda link: (link.name not in default_devs[:1], link.index))
 
 
-def numbers_of(candidates, known):
-    """(network card, device number) of each candidate, all different. IMDS's
-    numbers are the ENI's own; without them an interface keeps the table it is
-    routed with, and a new one takes the lowest free number (0 for the primary)."""
+def numbers_of(candidates):
+    """(network card, device number) of each candidate, all different: IMDS's
+    own, else the lowest free device on card 0 (device 0 for the primary)."""
     taken = {(meta.network_card, meta.device_number) for _, meta in candidates if meta}
     numbers = []
     for position, (link, meta) in enumerate(candidates):
         if meta:
             number = (meta.network_card, meta.device_number)
         else:
-            number = divmod(known[link.name] - TABLE_BASE, 100) if link.name in known else None
-            if number is None or number in taken:
-                number = lowest_free_number(taken, primary=(position == 0))
+            number = (0, 0) if position == 0 and (0, 0) not in taken else \
+                next((0, device) for device in range(1, 1000) if (0, device) not in taken)
             taken.add(number)
         numbers.append(number)
     if len(set(numbers)) < len(numbers):
@@ -755,46 +883,109 @@ def numbers_of(candidates, known):
     return numbers
 
 
-def lowest_free_number(taken, primary):
-    """Device 0 is the primary's; others take the lowest free one on card 0."""
-    if primary and (0, 0) not in taken:
-        return (0, 0)
-    return next((0, device) for device in range(1, 100) if (0, device) not in taken)
+def pair_key(number):
+    """How the state record names a (network card, device number) pair."""
+    return "%d:%d" % number
 
 
-def build_eni(link, device_number, network_card, meta, main_routes, add_from_imds, owned=frozenset(),
-              kernel_ipv6=True):
-    """Combine what the interface has, what main says and what IMDS says.
-    With a full IMDS answer, an address the tool added that IMDS no longer lists
-    is neither kept nor routed; one the admin configured always stays."""
+def slots_of(numbers, routed, remembered, max_slots):
+    """A slot per (card, device) pair: dense from 0 and stable. A pair keeps the
+    slot the record remembers for it, else the one its interface is routed with
+    now, else takes the lowest slot nobody holds or remembers; only when none is
+    left does it take one remembered for a pair that is not here."""
+    if len(numbers) > max_slots:
+        raise ToolError("%d ENIs, but room for %d (the mark mask and the tool's priority range "
+                        "number them): use a wider --mark-mask" % (len(numbers), max_slots))
+    slots = [None] * len(numbers)
+    held = set()
+    for wish in ([remembered.get(pair_key(n)) for n in numbers], routed):
+        for index, slot in enumerate(wish):
+            if slots[index] is None and slot is not None and 0 <= slot < max_slots and slot not in held:
+                slots[index] = slot
+                held.add(slot)
+    elsewhere = set(remembered.values())
+    for index in range(len(numbers)):
+        if slots[index] is None:
+            free = [s for s in range(max_slots) if s not in held]
+            slots[index] = next((s for s in free if s not in elsewhere), free[0])
+            held.add(slots[index])
+    return slots
+
+
+def build_eni(link, number, slot, meta, system, add_from_imds, owned=frozenset()):
+    """Combine what the interface has, what main says and what IMDS says."""
+    card, device = number
+    families = {}
+    for family in FAMILIES:
+        listed = meta.families[family] if meta else None
+        adding = add_from_imds and (family == 4 or system.ipv6)
+        families[family] = eni_family(link, family, listed, system, adding, owned)
+    return Eni(name=link.name, index=link.index, mac=link.mac, slot=slot, network_card=card,
+               device_number=device, origin="imds" if meta else "local", families=families)
+
+
+def eni_family(link, family, meta, system, add_from_imds, owned):
+    """One address family of an ENI. With a full IMDS answer, an address the tool
+    added that IMDS no longer lists is neither kept nor routed; one the admin
+    configured always stays."""
     # IMDS lists the ENI's primary IPv4 first; DHCP configures that one, so an
     # interface whose DHCP has not finished yet is left to it, not given a /32.
-    ipv4, added4 = addresses_of(link.name, link.ipv4, meta and meta.ipv4s[1:], add_from_imds, owned)
-    ipv6, added6 = addresses_of(link.name, link.ipv6, meta and meta.ipv6s, add_from_imds and kernel_ipv6, owned)
-    connected = [r for r in main_routes if r.dev == link.name and r.gateway is None
-                 and r.dst != "default" and not is_host_route(r.dst)]
-    subnets4 = (meta.subnets4 if meta and meta.subnets4 else
-                unique(ipaddress.ip_network(r.dst) for r in connected if r.family == 4)
-                or networks_of(link.ipv4, 32))
-    subnets6 = (meta.subnets6 if meta and meta.subnets6 else
-                unique(ipaddress.ip_network(r.dst) for r in connected
-                       if r.family == 6 and not ipaddress.ip_network(r.dst).is_link_local
-                       and not ipaddress.ip_network(r.dst).is_multicast)
-                or networks_of(link.ipv6, 128))
-    gateway6 = next((r.gateway for r in main_routes if r.family == 6 and r.dst == "default"
-                     and r.dev == link.name and r.gateway), None)
-    if ipv6 and not gateway6:
+    if meta is not None and not meta.addresses and link.addresses[family]:
+        meta = None  # IMDS lists none of the addresses the ENI has: not propagated yet, keep what is
+    listed = None if meta is None else (meta.addresses[1:] if family == 4 else meta.addresses)
+    own_subnets = tuple(meta.subnets) if meta and meta.subnets else connected_subnets(link, family, system)
+    refused = ()
+    if listed:
+        configured = {a.ip for a in link.addresses[family]}
+        refused = tuple((a, why) for a, why in ((a, routed_elsewhere(a, link.name, own_subnets, system))
+                                                 for a in listed if a not in configured) if why)
+        listed = [a for a in listed if a not in dict(refused)]
+    addresses, added = addresses_of(link.name, link.addresses[family], listed, add_from_imds, owned)
+    gateway = gateway4_of(link.name, own_subnets, system.main_routes) if family == 4 else \
+        gateway6_of(link.name, system.main_routes)
+    if family == 6 and addresses and not gateway:
         log.warning("%s has IPv6 addresses but no router learned from RAs (accept_ra?): "
                     "its IPv6 replies beyond its subnet are not routed through it", link.name)
-    return Eni(
-        name=link.name, mac=link.mac, device_number=device_number, network_card=network_card,
-        ipv4=ipv4, ipv6=ipv6,
-        added_ipv4=added4, added_ipv6=added6,
-        subnets4=tuple(subnets4), subnets6=tuple(subnets6),
-        gateway4=gateway4_of(link.name, subnets4, main_routes),
-        gateway6=gateway6,
-        prefixes4=tuple(meta.prefixes4) if meta else (), prefixes6=tuple(meta.prefixes6) if meta else (),
-        origin="imds" if meta else "local")
+    for address, why in refused:
+        log.info("%s: %s is not added: %s", link.name, address, why)
+    return EniFamily(addresses=addresses, added=added, subnets=own_subnets, gateway=gateway,
+                     prefixes=tuple(meta.prefixes) if meta else (), refused=refused)
+
+
+def connected_subnets(link, family, system):
+    """The ENI's subnets as main's connected routes show them, else as its
+    addresses' prefix lengths do (never link-local, multicast or host routes)."""
+    subnets = unique(ipaddress.ip_network(r.dst) for r in system.main_routes
+                     if r.dev == link.name and r.family == family and r.gateway is None
+                     and r.dst != "default")
+    subnets = [s for s in subnets if s.prefixlen < s.max_prefixlen and not s.is_link_local
+               and not s.is_multicast]
+    if not subnets:
+        subnets = unique(ipaddress.ip_network("%s/%s" % a, strict=False) for a in link.addresses[family])
+        subnets = [s for s in subnets if s.prefixlen < s.max_prefixlen]
+    return tuple(subnets)
+
+
+def routed_elsewhere(address, dev, own_subnets, system):
+    """Why an address IMDS lists is not the host's to add, or None: a foreign rule
+    names it, or main routes it to another device more specifically than the
+    ENI's own subnet does (the VPC CNI routes its pods' addresses to veths)."""
+    cidr = host_cidr(address)
+    for foreign in system.foreign_rules:
+        if cidr in (foreign.src, foreign.dst):
+            return "rule %s of another program names it" % foreign.priority
+    ip = ipaddress.ip_address(address)
+    floor = max([s.prefixlen for s in own_subnets if ip in s] or [0])
+    best = None
+    for route in system.main_routes:
+        if route.dst == "default" or family_of(route.dst) != ip.version:
+            continue
+        network = ipaddress.ip_network(route.dst)
+        if network.prefixlen > floor and ip in network and (best is None or network.prefixlen > best[0]):
+            best = (network.prefixlen, route.dev)
+    if best and best[1] != dev:
+        return "main routes it to %s" % best[1]
+    return None
 
 
 def addresses_of(dev, configured, listed, add_from_imds, owned):
@@ -807,23 +998,18 @@ def addresses_of(dev, configured, listed, add_from_imds, owned):
     return tuple(theirs) + added, added
 
 
-def networks_of(addresses, host_length):
-    """The subnets the addresses name (not /32 or /128 ones)."""
-    return unique(ipaddress.ip_network("%s/%s" % a, strict=False) for a in addresses if a.prefixlen < host_length)
-
-
-def is_host_route(dst):
-    """A /32 or /128: an address's own route, never a subnet."""
-    network = ipaddress.ip_network(dst)
-    return network.prefixlen == network.max_prefixlen
-
-
-def gateway4_of(dev, subnets4, main_routes):
+def gateway4_of(dev, subnets, main_routes):
     """The VPC router: the subnet's base + 1, else the default route DHCP set."""
-    if subnets4:
-        return str(subnets4[0].network_address + 1)
+    if subnets:
+        return str(subnets[0].network_address + 1)
     return next((r.gateway for r in main_routes
                  if r.family == 4 and r.dst == "default" and r.dev == dev and r.gateway), None)
+
+
+def gateway6_of(dev, main_routes):
+    """The IPv6 router learned from RAs on the ENI (never guessed)."""
+    return next((r.gateway for r in main_routes if r.family == 6 and r.dst == "default"
+                 and r.dev == dev and r.gateway), None)
 
 
 def unique(items):
@@ -837,74 +1023,126 @@ def unique(items):
 
 # -- Plan (pure): the state the system should be in. ------------------------------
 
-def plan(enis, mark_mask=DEFAULT_MARK_MASK):
-    """The owned state that routes every ENI address through its own ENI."""
+def plan(enis, mark_mask=DEFAULT_MARK_MASK, groups=None):
+    """The owned state that routes every ENI address through its own ENI.
+    `groups`: interface name -> its link group now (a link in someone else's
+    group keeps it)."""
     addresses = frozenset(Address(eni.name, host_cidr(a)) for eni in enis
-                          for a in eni.added_ipv4 + eni.added_ipv6)
+                          for family in FAMILIES for a in eni.families[family].added)
     if len(enis) < 2:  # one ENI: main already routes it; only add its addresses
         return NOTHING._replace(addresses=addresses)
-    rules, routes, marked = set(), set(), {4: [], 6: []}
-    for eni in enis:
-        for family in (4, 6):
-            eni_rules, eni_routes = plan_family(eni, enis, family, mark_mask)
+    rules, routes, routed = set(), set(), {4: [], 6: []}
+    for family in FAMILIES:
+        exclusive = exclusive_subnets(enis, family)
+        for eni in enis:
+            eni_rules, eni_routes = plan_family(eni, family, exclusive, mark_mask)
             rules |= eni_rules
             routes |= eni_routes
             if eni_rules:
-                marked[family].append(eni)
-    for family in (4, 6):
-        if marked[family]:
-            rules.add(Rule(family, PRIO_MAIN, None, None, TABLE_MAIN, 0))
-    sysctls = {"net/ipv4/conf/%s/rp_filter" % eni.name: RP_FILTER_LOOSE for eni in marked[4]}
-    return OwnedState(frozenset(rules), frozenset(routes),
-                      plan_mangle(marked[4], mark_mask), plan_mangle(marked[6], mark_mask),
-                      sysctls, addresses)
+                routed[family].append(eni)
+        if routed[family]:
+            rules.add(rule(family, PRIO_MAIN, TABLE_MAIN, suppress_ifgroup=ENI_GROUP))
+    names = unique(eni.name for family in FAMILIES for eni in routed[family])
+    for name in names:
+        if (groups or {}).get(name, 0) not in (0, ENI_GROUP):
+            log.warning("%s is in link group %s of someone else's: main's routes through it are not "
+                        "suppressed for the other ENIs' addresses", name, groups[name])
+    return OwnedState(
+        rules=frozenset(rules), routes=frozenset(routes),
+        mangle={family: plan_mangle(routed[family], mark_mask) for family in FAMILIES},
+        sysctls={"net/ipv4/conf/%s/rp_filter" % eni.name: RP_FILTER_LOOSE for eni in routed[4]},
+        addresses=addresses,
+        groups=frozenset(n for n in names if (groups or {}).get(n, 0) in (0, ENI_GROUP)))
 
 
-def plan_family(eni, enis, family, mark_mask):
-    """One ENI's rules and table routes for one address family."""
-    addrs = eni.ipv4 if family == 4 else eni.ipv6
-    prefixes = eni.prefixes4 if family == 4 else eni.prefixes6
-    own_subnets = eni.subnets4 if family == 4 else eni.subnets6
-    gateway = eni.gateway4 if family == 4 else eni.gateway6
-    sources = [host_cidr(a) for a in addrs] + [str(p) for p in prefixes]
-    if not sources or not (gateway or own_subnets):
+def exclusive_subnets(enis, family):
+    """Subnet -> the one ENI it belongs to: no other ENI has a subnet or delegated
+    prefix overlapping it, or an address inside it. (EC2 takes every private
+    address and prefix of an ENI from its subnet.)"""
+    claims = {}
+    by_length = collections.defaultdict(dict)  # prefix length -> {network as int: subnet}
+    for eni in enis:
+        for subnet in eni.families[family].subnets:
+            claims.setdefault(subnet, set()).add(eni.name)
+            by_length[subnet.prefixlen][int(subnet.network_address)] = subnet
+    bits = 32 if family == 4 else 128
+    for eni in enis:
+        own = eni.families[family]
+        for network in own.subnets + own.prefixes:
+            for subnet in claims:
+                if subnet.overlaps(network):
+                    claims[subnet].add(eni.name)
+        for address in own.addresses:
+            value = address_value(address)
+            for length, subnets in by_length.items():
+                subnet = subnets.get(value >> (bits - length) << (bits - length))
+                if subnet is not None:
+                    claims[subnet].add(eni.name)
+    return {subnet: names.pop() for subnet, names in claims.items() if len(names) == 1}
+
+
+def plan_family(eni, family, exclusive, mark_mask):
+    """One ENI's rules and table routes for one address family. Sources: each
+    subnet that is the ENI's alone, for traffic this host originates (`iif lo`:
+    what it merely forwards, a NAT instance's say, keeps main's routing); each
+    delegated prefix, whatever sends from it; and only the addresses no such
+    subnet covers, one by one."""
+    own = eni.families[family]
+    if not (own.addresses or own.prefixes) or not (own.gateway or own.subnets):
         return set(), set()
-    table, slot = table_of(eni), slot_of(eni)
-    routes = {Route(family, table, str(s), None, eni.name) for s in own_subnets}
-    if gateway:
-        other_subnets = {s for other in enis for s in (other.subnets4 if family == 4 else other.subnets6)}
-        routes |= {Route(family, table, str(s), gateway, eni.name)
-                   for s in other_subnets if s not in own_subnets}
-        routes.add(Route(family, table, "default", gateway, eni.name))
-    rules = {Rule(family, PRIO_FWMARK + slot, None, mark_of(eni, mark_mask), table, None)}
-    for src in sources:
-        rules.add(Rule(family, PRIO_SUBNETS + slot, src, None, table, 0))
-        rules.add(Rule(family, PRIO_SOURCE + slot, src, None, table, None))
+    table, slot = table_of(eni), eni.slot
+    routes = {Route(family, table, str(s), None, eni.name) for s in own.subnets}
+    if own.gateway:
+        routes.add(Route(family, table, "default", own.gateway, eni.name))
+    mine = [s for s in own.subnets if exclusive.get(s) == eni.name]
+    rules = {rule(family, PRIO_FWMARK + slot, table, fwmark=mark_of(eni, mark_mask))}
+    rules |= {rule(family, PRIO_SOURCE + slot, table, src=str(s), iif="lo") for s in mine}
+    rules |= {rule(family, PRIO_SOURCE + slot, table, src=str(p)) for p in own.prefixes}
+    rules |= {rule(family, PRIO_SOURCE + slot, table, src=host_cidr(a))
+              for a in own.addresses if not any(covers(s, address_value(a)) for s in mine)}
     return rules, routes
 
 
-def mark_of(eni, mark_mask):
-    """The ENI's connection mark as `value/mask`, slot + 1 shifted into the mask."""
+def address_value(address):
+    """An address as a number. (ipaddress takes 3 us an address, a tenth of a
+    run at 15 x 50; `ip` and the IMDS parser give canonical text.)"""
+    if ":" in address:
+        return int(ipaddress.IPv6Address(address))
+    a, b, c, d = address.split(".")
+    return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+
+
+def covers(network, value):
+    """Whether the network holds the address `value`."""
+    shift = network.max_prefixlen - network.prefixlen
+    return value >> shift == int(network.network_address) >> shift
+
+
+def mark_capacity(mark_mask):
+    """How many ENIs the mask can number (mark 0 means unmarked)."""
     shift = (mark_mask & -mark_mask).bit_length() - 1
-    value = (slot_of(eni) + 1) << shift
-    if value & ~mark_mask:
-        raise ToolError("mark mask %#x has no room for %s (slot %d): use a wider --mark-mask"
-                        % (mark_mask, eni.name, slot_of(eni)))
-    return "%#x/%#x" % (value, mark_mask)
+    return mark_mask >> shift
+
+
+def mark_of(eni, mark_mask):
+    """The ENI's connection mark as `value/mask`: slot + 1 shifted into the mask."""
+    shift = (mark_mask & -mark_mask).bit_length() - 1
+    return "%#x/%#x" % ((eni.slot + 1) << shift, mark_mask)
 
 
 def plan_mangle(enis, mark_mask):
-    """Mark new connections per ingress ENI; restore the mark on everything else.
-    Packets from an ENI return before the restore: only replies coming from
-    containers, bridges or local sockets are steered by the mark."""
+    """Mark each connection by the ENI it came in on, from its first packet the
+    rules see (also of flows older than the tool); restore that mark on the
+    connection's replies, whatever interface they enter on, so routing sends
+    them back out of that ENI. Connections without the tool's mark, and so
+    other software's packet marks, are left alone."""
     if not enis:
         return NO_MANGLE
-    restore = "-j CONNMARK --restore-mark --nfmask %#x --ctmask %#x" % (mark_mask, mark_mask)
-    prerouting = []
-    for eni in enis:
-        prerouting.append("-i %s -m conntrack --ctstate NEW -j CONNMARK --set-xmark %s"
-                          % (eni.name, mark_of(eni, mark_mask)))
-        prerouting.append("-i %s -j RETURN" % eni.name)
+    unmarked = "-m connmark --mark 0x0/%#x" % mark_mask
+    restore = ("-m conntrack --ctdir REPLY -m connmark ! --mark 0x0/%#x -j CONNMARK --restore-mark "
+               "--nfmask %#x --ctmask %#x" % (mark_mask, mark_mask, mark_mask))
+    prerouting = ["-i %s -m conntrack --ctdir ORIGINAL %s -j CONNMARK --set-xmark %s"
+                  % (eni.name, unmarked, mark_of(eni, mark_mask)) for eni in enis]
     prerouting.append(restore)
     # Sorted, as parse_mangle returns them, so that equal states compare equal.
     return Mangle(
@@ -915,6 +1153,27 @@ def plan_mangle(enis, mark_mask):
 
 # -- The state the tool owns now, in the plan's shape. ----------------------------
 
+def live_record(record, links):
+    """The state record without entries of interfaces that are gone: an entry
+    names its interface and ifindex, so a new interface of the same name never
+    inherits the old one's sysctls or addresses."""
+    index = {link.name: link.index for link in links}
+
+    def alive(dev, ifindex):
+        return dev in index and ifindex in (None, index[dev])
+
+    sysctls = {key: entry for key, entry in record.get("sysctls", {}).items()
+               if alive(sysctl_device(key), entry.get("ifindex"))}
+    addresses = [entry for entry in record.get("addresses", [])
+                 if alive(entry[0], entry[2] if len(entry) > 2 else None)]
+    return dict(record, sysctls=sysctls, addresses=addresses)
+
+
+def sysctl_device(key):
+    """"net/ipv4/conf/eth1/rp_filter" -> "eth1"."""
+    return key.split("/")[3]
+
+
 def originals_of(record):
     """Sysctl values from before the tool changed them: the one piece of state
     that cannot be read back from the system itself."""
@@ -923,27 +1182,29 @@ def originals_of(record):
 
 def owned_state(system, record):
     """What of the running system is the tool's: by marker, or by its state record."""
-    present = {(link.name, a.ip) for link in system.links for a in link.ipv4 + link.ipv6}
-    addresses = frozenset(Address(dev, cidr) for dev, cidr in record.get("addresses", [])
-                          if (dev, cidr.split("/")[0]) in present)
+    present = {(link.name, a.ip) for link in system.links for family in FAMILIES for a in link.addresses[family]}
+    addresses = frozenset(Address(entry[0], entry[1]) for entry in record.get("addresses", [])
+                          if (entry[0], entry[1].split("/")[0]) in present)
     sysctls = {key: entry["set"] for key, entry in record.get("sysctls", {}).items()}
-    return OwnedState(frozenset(system.rules), frozenset(system.routes),
-                      system.mangle4, system.mangle6, sysctls, addresses)
+    groups = frozenset(link.name for link in system.links if link.group == ENI_GROUP)
+    return OwnedState(frozenset(system.rules), frozenset(system.routes), system.mangle, sysctls, addresses,
+                      groups)
 
 
 # -- Diff (pure): the commands that take the system from current to desired. ------
 
 def diff(desired, current, sysctl_values, originals):
     """Commands per tool, ordered so that nothing points at what is not there yet:
-    addresses, then routes, then rules are added; removals run the other way.
-    Rules are added highest priority first and removed lowest first: the kernel
-    keeps them in a list by priority, so each one is then found near its head
-    (at 15x50 that saves a sixth of the batch)."""
-    ip = {4: [], 6: []}
-    for family in (4, 6):
+    addresses, links, then routes, then rules are added; removals run the other
+    way. Rules are added highest priority first and removed lowest first: the
+    kernel keeps them in a list by priority, so each one is then found near its
+    head."""
+    ip = {}
+    for family in FAMILIES:
         ip[family] = (
             [address_command("add", a) for a in sorted(desired.addresses - current.addresses)
              if family_of(a.cidr) == family]
+            + (group_commands(desired.groups, current.groups) if family == 4 else [])
             + route_additions(desired.routes, current.routes, family)
             + [rule_command("add", r) for r in sorted(desired.rules - current.rules, key=rule_order,
                                                       reverse=True) if r.family == family]
@@ -953,9 +1214,8 @@ def diff(desired, current, sysctl_values, originals):
             + [address_command("del", a) for a in sorted(current.addresses - desired.addresses)
                if family_of(a.cidr) == family])
     return Changes(
-        ip4=ip[4], ip6=ip[6],
-        iptables4=mangle_commands(desired.mangle4, current.mangle4),
-        iptables6=mangle_commands(desired.mangle6, current.mangle6),
+        ip=ip,
+        iptables={family: mangle_commands(desired.mangle[family], current.mangle[family]) for family in FAMILIES},
         sysctls=sysctl_writes(desired.sysctls, current.sysctls, sysctl_values, originals))
 
 
@@ -964,7 +1224,7 @@ def family_of(cidr):
 
 
 def rule_order(rule):
-    return (rule.priority, rule.src or "", rule.fwmark or "", rule.table)
+    return (rule.priority,) + tuple("" if value is None else str(value) for value in rule[2:])
 
 
 def route_order(route):
@@ -972,32 +1232,47 @@ def route_order(route):
     return (route.table, route.gateway is not None, route.dst == "default", route.dst)
 
 
+def route_key(route):
+    """What identifies a route in the kernel: a table holds one IPv4 and one IPv6 default."""
+    return (route.family, route.table, route.dst)
+
+
 def route_additions(desired, current, family):
     """`replace` for a route the tool owns already (a new gateway, say); `add` for
     a new one, so that a foreign route in the same table fails loudly instead of
     being overwritten."""
-    owned_keys = {(r.table, r.dst) for r in current}
+    owned_keys = {route_key(r) for r in current}
     wanted = sorted((r for r in desired - current if r.family == family), key=route_order)
-    return [route_command("replace" if (r.table, r.dst) in owned_keys else "add", r) for r in wanted]
+    return [route_command("replace" if route_key(r) in owned_keys else "add", r) for r in wanted]
 
 
 def route_removals(desired, current, family):
-    """Removals, except routes a `replace` above already overwrote (same table, dst)."""
-    replaced = {(r.table, r.dst) for r in desired}
+    """Removals, except routes a `replace` above already overwrote."""
+    replaced = {route_key(r) for r in desired}
     stale = sorted((r for r in current - desired if r.family == family
-                    and (r.table, r.dst) not in replaced), key=route_order, reverse=True)
+                    and route_key(r) not in replaced), key=route_order, reverse=True)
     return [route_command("del", r) for r in stale]
+
+
+def group_commands(desired, current):
+    """Links into ENI_GROUP, and back to the default group 0."""
+    return (["link set dev %s group %d" % (name, ENI_GROUP) for name in sorted(desired - current)]
+            + ["link set dev %s group default" % name for name in sorted(current - desired)])
 
 
 def rule_command(verb, rule):
     words = ["rule", verb, "priority", str(rule.priority)]
     if rule.src:
         words += ["from", rule.src]
+    if rule.iif:
+        words += ["iif", rule.iif]
     if rule.fwmark:
         words += ["fwmark", rule.fwmark]
     words += ["table", "main" if rule.table == TABLE_MAIN else str(rule.table)]
-    if rule.suppress is not None:
-        words += ["suppress_prefixlength", str(rule.suppress)]
+    if rule.suppress_prefixlength is not None:
+        words += ["suppress_prefixlength", str(rule.suppress_prefixlength)]
+    if rule.suppress_ifgroup is not None:
+        words += ["suppress_ifgroup", str(rule.suppress_ifgroup)]
     return " ".join(words + ["protocol", str(RT_PROTO)])
 
 
@@ -1061,16 +1336,18 @@ def annotate(command):
 
 
 def is_empty(changes):
-    return not any(changes)
+    return not (any(changes.ip.values()) or any(changes.iptables.values()) or changes.sysctls)
 
 
 def render(changes):
     """The changes as the exact commands, one per line, for --dry-run and logs.
     Address lines say why, as a shell comment: the tool only adds and removes
     addresses that IMDS assigns (or assigned) to the ENI."""
-    lines = ["ip -4 " + annotate(c) for c in changes.ip4] + ["ip -6 " + annotate(c) for c in changes.ip6]
-    lines += ["iptables -t mangle " + c for c in changes.iptables4]
-    lines += ["ip6tables -t mangle " + c for c in changes.iptables6]
+    lines = []
+    for family in FAMILIES:
+        lines += [("ip " if c.startswith("link") else "ip -%d " % family) + annotate(c) for c in changes.ip[family]]
+    lines += ["iptables -t mangle " + c for c in changes.iptables[4]]
+    lines += ["ip6tables -t mangle " + c for c in changes.iptables[6]]
     lines += ["sysctl -w %s=%s" % (key.replace("/", "."), new) for key, new, _ in changes.sysctls]
     return lines
 
@@ -1083,10 +1360,10 @@ def apply_changes(programs, changes, fail_after=0):
     then the sysctls. `fail_after` N > 0 (a test hook) fails the run after its
     Nth step; the batches finish together, so for N up to their number all ran."""
     batches = [(argv, "\n".join(lines) + "\n") for argv, lines in [
-        ([programs["ip"], "-4", "-batch", "-"], changes.ip4),
-        ([programs["ip"], "-6", "-batch", "-"], changes.ip6),
-        ([programs["iptables-restore"], "-w", "10", "--noflush"], mangle_script(changes.iptables4)),
-        ([programs["ip6tables-restore"], "-w", "10", "--noflush"], mangle_script(changes.iptables6)),
+        ([programs["ip"], "-4", "-batch", "-"], changes.ip[4]),
+        ([programs["ip"], "-6", "-batch", "-"], changes.ip[6]),
+        ([programs["iptables-restore"], "-w", "10", "--noflush"], mangle_script(changes.iptables[4])),
+        ([programs["ip6tables-restore"], "-w", "10", "--noflush"], mangle_script(changes.iptables[6])),
     ] if lines]
     run_together(batches)
     done = len(batches)
@@ -1111,12 +1388,12 @@ def write_sysctls(writes):
 
 
 def state_path(state_dir, netns):
-    """The state record of this network namespace."""
-    return os.path.join(state_dir, "state.json" if netns is None else "state-netns-%d.json" % netns)
+    """The state record of this network namespace (by its inode)."""
+    return os.path.join(state_dir, "state-netns-%d.json" % netns)
 
 
 def load_record(path):
-    """The state record: sysctl originals and addresses the tool added."""
+    """The state record: sysctl originals, addresses the tool added, slots given."""
     try:
         with open(path) as handle:
             record = json.load(handle)
@@ -1131,7 +1408,7 @@ def save_record(path, record, unchanged_from=None):
     """Write the record atomically; remove it when there is nothing to remember."""
     if record == unchanged_from:
         return
-    if not record.get("sysctls") and not record.get("addresses"):
+    if not any(record.get(key) for key in ("sysctls", "addresses", "slots")):
         if os.path.exists(path):
             os.unlink(path)
         return
@@ -1142,23 +1419,39 @@ def save_record(path, record, unchanged_from=None):
     os.replace(temporary, path)
 
 
-def merge_record(record, desired, changes):
-    """The record after this run: originals kept from the first change on, and
-    the addresses the tool added. Written before applying, so that a crash
-    midway still knows what to give back."""
+def merge_record(record, desired, changes, enis):
+    """The record after this run: originals kept from the first change on, the
+    addresses the tool added, the slots it gave. Written before applying, so
+    that a crash midway still knows what to give back."""
+    index = {eni.name: eni.index for eni in enis}
     sysctls = dict(record.get("sysctls", {}))
     for key, new, old in changes.sysctls:
         if key in desired.sysctls:
-            sysctls.setdefault(key, {"original": old, "set": new})
-    addresses = {tuple(a) for a in record.get("addresses", [])}
-    addresses |= {(a.dev, a.cidr) for a in desired.addresses}
-    return {"sysctls": sysctls, "addresses": [list(a) for a in sorted(addresses)]}
+            sysctls.setdefault(key, {"original": old, "set": new, "ifindex": index.get(sysctl_device(key))})
+    addresses = {tuple(entry[:2]): entry for entry in record.get("addresses", [])}
+    for address in desired.addresses:
+        addresses.setdefault((address.dev, address.cidr), [address.dev, address.cidr, index.get(address.dev)])
+    return {"sysctls": sysctls, "addresses": [addresses[key] for key in sorted(addresses)],
+            "slots": remembered_slots(record, enis)}
 
 
-def final_record(record, desired):
-    """The record once the system matches `desired`."""
+def final_record(record, desired, enis):
+    """The record once the system matches `desired` (a flush forgets the slots too)."""
+    wanted = {(a.dev, a.cidr) for a in desired.addresses}
     return {"sysctls": {k: v for k, v in record.get("sysctls", {}).items() if k in desired.sysctls},
-            "addresses": sorted([a.dev, a.cidr] for a in desired.addresses)}
+            "addresses": [entry for entry in record.get("addresses", []) if tuple(entry[:2]) in wanted],
+            "slots": remembered_slots(record, enis) if enis else {}}
+
+
+def remembered_slots(record, enis):
+    """Slots by (card, device) pair: this run's, and those of pairs not here now
+    (a re-attached ENI gets its numbers back) unless their slot was given away."""
+    slots = {pair_key((eni.network_card, eni.device_number)): eni.slot for eni in enis}
+    taken = set(slots.values())
+    for key, slot in record.get("slots", {}).items():
+        if key not in slots and slot not in taken:
+            slots[key] = slot
+    return slots
 
 
 class Run:
@@ -1168,47 +1461,48 @@ class Run:
         self.programs = programs
         self.state_file = state_file
         self.fail_after = fail_after
-        self.record = {}
         self.outputs = {}
 
     def read(self, sources=ALL_SOURCES):
-        """Read the system (again, only `sources`) and the state record;
-        return (system, owned state)."""
+        """The system, read again from `sources` only (the rest as last read)."""
         self.outputs.update(read_outputs(self.programs, sources))
-        system = parse_system(self.outputs, read_sysfs(), ipv6_enabled())
-        self.record = load_record(self.state_file)
-        return system, owned_state(system, self.record)
+        return parse_system(self.outputs, read_sysfs(), ipv6_enabled())
 
-    def changes(self, desired, owned):
+    def read_record(self, system):
+        """The state record, without the entries of interfaces that are gone."""
+        return live_record(load_record(self.state_file), system.links)
+
+    def changes(self, desired, owned, record):
         keys = set(desired.sysctls) | set(owned.sysctls)
-        return diff(desired, owned, read_sysctls(keys), originals_of(self.record))
+        return diff(desired, owned, read_sysctls(keys), originals_of(record))
 
-    def converge(self, desired, owned):
+    def converge(self, desired, owned, record, enis):
         """Apply, verify, and roll back to where it started if anything fails."""
-        record = self.record
-        changes = self.changes(desired, owned)
+        changes = self.changes(desired, owned, record)
         if is_empty(changes):
-            save_record(self.state_file, final_record(record, desired), unchanged_from=record)
+            save_record(self.state_file, final_record(merge_record(record, desired, changes, enis), desired, enis),
+                        unchanged_from=record)
             return changes
-        merged = merge_record(record, desired, changes)
+        merged = merge_record(record, desired, changes, enis)
         save_record(self.state_file, merged)
         try:
             apply_changes(self.programs, changes, self.fail_after)
-            _, now = self.read(sources_touched(changes))
-            left = self.changes(desired, now)
+            now = owned_state(self.read(sources_touched(changes)), merged)
+            left = self.changes(desired, now, merged)
             if not is_empty(left):
                 raise ToolError("verification failed: still pending: %s" % render(left)[0])
         except (ToolError, OSError) as exc:
-            self.roll_back(owned, record, changes)
+            self.roll_back(owned, record, merged, changes)
             raise ToolError("%s; rolled back to the state before the run" % exc)
-        save_record(self.state_file, final_record(merged, desired))
+        save_record(self.state_file, final_record(merged, desired, enis))
         return changes
 
-    def roll_back(self, before, record, changes):
-        """Converge back to the owned state read before the run."""
+    def roll_back(self, before, record, merged, changes):
+        """Converge back to the owned state read before the run (`merged`: the
+        record written for this run, which knows what it added)."""
         try:
-            _, now = self.read()
-            undo = self.changes(before, now)
+            now = owned_state(self.read(), merged)
+            undo = self.changes(before, now, merged)
             undo = undo._replace(sysctls=[(key, old, new) for key, new, old in reversed(changes.sysctls)])
             apply_changes(self.programs, undo)
             save_record(self.state_file, record)
@@ -1239,21 +1533,24 @@ def take_lock(state_dir, timeout=LOCK_TIMEOUT):
 
 def status_report(enis, owned, changes):
     """Per ENI: its table, addresses (with origin), gateways and owned rules."""
-    anything = (owned.rules, owned.routes, owned.addresses, owned.sysctls,
-                owned.mangle4 != NO_MANGLE, owned.mangle6 != NO_MANGLE)
+    anything = (owned.rules, owned.routes, owned.addresses, owned.sysctls, owned.groups,
+                any(mangle != NO_MANGLE for mangle in owned.mangle.values()))
     report = {"applied": any(anything),
               "in_sync": is_empty(changes), "pending": render(changes), "enis": []}
     for eni in enis:
         table = table_of(eni)
-        added = set(eni.added_ipv4 + eni.added_ipv6) | {a.cidr.split("/")[0] for a in owned.addresses
-                                                         if a.dev == eni.name}
+        added = {a.cidr.split("/")[0] for a in owned.addresses if a.dev == eni.name}
+        families = [eni.families[family] for family in FAMILIES]
+        for own in families:
+            added |= set(own.added)
         report["enis"].append({
             "name": eni.name, "mac": eni.mac, "device_number": eni.device_number,
-            "network_card": eni.network_card, "table": table, "found_by": eni.origin,
+            "network_card": eni.network_card, "slot": eni.slot, "table": table, "found_by": eni.origin,
             "addresses": [{"address": a, "origin": "imds" if a in added else "configured"}
-                          for a in eni.ipv4 + eni.ipv6],
-            "delegated_prefixes": [str(p) for p in eni.prefixes4 + eni.prefixes6],
-            "gateway4": eni.gateway4, "gateway6": eni.gateway6,
+                          for own in families for a in own.addresses],
+            "not_added": [{"address": a, "why": why} for own in families for a, why in own.refused],
+            "delegated_prefixes": [str(p) for own in families for p in own.prefixes],
+            "gateway4": eni.families[4].gateway, "gateway6": eni.families[6].gateway,
             "rules": sum(1 for r in owned.rules if r.table == table),
             "routes": sum(1 for r in owned.routes if r.table == table)})
     return report
@@ -1275,6 +1572,8 @@ def print_status(report):
             print("    %s (%s)" % (address["address"], ORIGINS[address["origin"]]))
         for prefix in eni["delegated_prefixes"]:
             print("    %s (delegated prefix)" % prefix)
+        for refused in eni["not_added"]:
+            print("    %s (listed by IMDS, not added: %s)" % (refused["address"], refused["why"]))
     for line in report["pending"]:
         print("  pending: " + line)
 
@@ -1598,8 +1897,9 @@ def changing_system(frame):
 class Watcher:
     """The loop: converge, wait for events or the next refresh, converge again."""
 
-    def __init__(self, args):
+    def __init__(self, args, fail_after=0):
         self.args = args
+        self.fail_after = fail_after  # the test hook, passed on to every converge
         self.stop_requested = False
         self.say = self.print_line
 
@@ -1607,8 +1907,11 @@ class Watcher:
 
     def print_line(self, line, error=False):
         stream = sys.stderr if error else sys.stdout
-        stream.write("%s%s\n" % ("%s: error: " % PROG if error else "", line))
-        stream.flush()
+        try:
+            stream.write("%s%s\n" % ("%s: error: " % PROG if error else "", line))
+            stream.flush()
+        except (OSError, ValueError):  # the journal gone for a moment: keep watching
+            pass
 
     def on_stop_signal(self, signum, frame):
         if self.stop_requested:  # a second signal: the first is being handled
@@ -1623,7 +1926,7 @@ class Watcher:
         schedule.converging()
         started = time.monotonic()
         try:
-            code = execute(self.args, started, report=self.report)
+            code = execute(self.args, started, self.fail_after, report=self.report)
         except ToolError as exc:
             if first and exc.exit_code in FATAL_EXIT_CODES:
                 raise
@@ -1782,19 +2085,21 @@ def sd_notify(message):
         log.debug("sd_notify: %s", exc)
 
 
-def watch(args):
+def watch(args, fail_after=0):
     """--watch: a long-running process, so the cyclic garbage collector is back
-    on (main() turned it off for one-off runs)."""
+    on (run_as_program() turned it off for one-off runs)."""
     gc.enable()
-    return Watcher(args).run()
+    return Watcher(args, fail_after).run()
 
 
 # -- Command line. ----------------------------------------------------------------
 
 EPILOG = (
-    "Everything the tool adds carries its marker: rules and routes protocol %d (tables %d-%d), "
-    "mangle chains %s and %s, and a state record for the sysctls it changed and the addresses "
-    "it added. Flush removes exactly that. Exit codes: 0 success; 1 failure (nothing changed, or "
+    "Per ENI it adds a table, a rule for its connection mark and one per subnet that is the ENI's "
+    "alone (per address only where a subnet is shared), plus one rule that lets main's routes win "
+    "unless they go out through an ENI. Everything the tool adds carries its marker: rules and "
+    "routes protocol %d (tables %d-%d), link group %d, mangle chains %s and %s, and a state record "
+    "for the sysctls it changed and the addresses it added. Flush removes exactly that. Exit codes: 0 success; 1 failure (nothing changed, or "
     "the run was rolled back), or with --status applied but stale; 2 bad usage; 3 with --status: "
     "nothing applied; "
     "4 not root; 5 a required program is missing.")
@@ -1880,7 +2185,7 @@ def build_parser():
         description="Give every ENI of this EC2 instance its own policy routing, so that "
                     "every address of every ENI answers through its own ENI. Without an "
                     "action: apply (converge to the plan; safe to repeat).",
-        epilog=EPILOG % (RT_PROTO, TABLE_BASE, TABLE_LAST, CHAIN_PREROUTING, CHAIN_OUTPUT))
+        epilog=EPILOG % (RT_PROTO, TABLE_BASE, TABLE_LAST, ENI_GROUP, CHAIN_PREROUTING, CHAIN_OUTPUT))
     action = parser.add_mutually_exclusive_group()
     action.add_argument("-f", "--flush", action="store_true",
                         help="remove every rule, route, chain and address the tool added and give "
@@ -2002,7 +2307,11 @@ def discover_imds(args, system):
 def check_interfaces(args, system):
     """-i naming a missing interface is a usage error for apply; flush and status
     must still work after that ENI was detached, so they only drop the name."""
-    names = {link.name for link in system.links}
+    unsafe = [name for name in args.interface if not SAFE_NAME.match(name)]
+    if unsafe and not (args.flush or args.status):
+        raise ToolError("cannot route %s: an interface name must be 1-15 of [A-Za-z0-9_.-]"
+                        % ", ".join(repr(name) for name in unsafe), EXIT_USAGE)
+    names = {link.name for link in system.links if SAFE_NAME.match(link.name)}
     missing = [name for name in args.interface if name not in names]
     if missing and not (args.flush or args.status):
         raise ToolError("no such interface: %s" % ", ".join(missing), EXIT_USAGE)
@@ -2011,11 +2320,9 @@ def check_interfaces(args, system):
         args.interface = [name for name in args.interface if name in names]
 
 
-def main(argv=None):
-    """Run the tool; return its exit code. Errors are one line on stderr."""
-    # A short run that builds thousands of small objects and no cycles worth
-    # collecting: the cyclic collector would only cost time (~5 ms at 15x50).
-    gc.disable()
+def main(argv=None, fail_after=0):
+    """Run the tool; return its exit code. Errors are one line on stderr.
+    `fail_after` N > 0 (a test hook) fails an apply after its Nth step."""
     try:
         args = parse_args(argv)
     except SystemExit as exc:
@@ -2024,8 +2331,8 @@ def main(argv=None):
     started = time.monotonic()
     try:
         if args.watch:
-            return watch(args)
-        return execute(args, started)
+            return watch(args, fail_after)
+        return execute(args, started, fail_after)
     except ToolError as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, exc))
         return exc.exit_code
@@ -2041,7 +2348,7 @@ def main(argv=None):
         return EXIT_FAILURE
 
 
-def execute(args, started, report=None):
+def execute(args, started, fail_after=0, report=None):
     """One run: apply (or flush, --status, --dry-run). An apply's one-line
     summary goes to report(line, changes) when given (the watcher), else stdout."""
     if os.geteuid() != 0:
@@ -2055,18 +2362,19 @@ def execute(args, started, report=None):
     read_only = args.dry_run or args.status
     lock = None if read_only else take_lock(args.state_dir)
     try:
-        fail_after = int(os.environ.get("MULTI_ENI_ROUTING_FAIL_AFTER") or 0)
         this_run = Run(programs, state_path(args.state_dir, netns_id()), fail_after)
-        system, owned = this_run.read()
+        system = this_run.read()
+        record = this_run.read_record(system)
+        owned = owned_state(system, record)
         check_interfaces(args, system)
-        enis, desired = desired_state(args, system, owned)
+        enis, desired = desired_state(args, system, owned, record)
         if args.status:
-            return show_status(args, enis, owned, this_run.changes(desired, owned))
+            return show_status(args, enis, owned, this_run.changes(desired, owned, record))
         if args.dry_run:
-            changes = this_run.changes(desired, owned)
+            changes = this_run.changes(desired, owned, record)
             print("\n".join(render(changes)) if not is_empty(changes) else "in sync: nothing to do")
             return EXIT_OK
-        changes = this_run.converge(desired, owned)
+        changes = this_run.converge(desired, owned, record, enis)
         line = summary(args, enis, desired, changes, started)
         if report:
             report(line, changes)
@@ -2078,17 +2386,20 @@ def execute(args, started, report=None):
             lock.close()
 
 
-def desired_state(args, system, owned):
+def desired_state(args, system, owned, record):
     """(ENIs, owned state to converge to): empty for a flush."""
     if args.flush:
         return [], NOTHING
     imds = discover_imds(args, system)
     enis = select_enis(system, imds, args.interface, args.exclude,
-                       add_from_imds=not args.no_imds_addresses, owned_addresses=owned.addresses)
+                       add_from_imds=not args.no_imds_addresses, owned_addresses=owned.addresses,
+                       remembered=record.get("slots", {}),
+                       max_slots=min(SLOTS_MAX, TABLE_LAST - TABLE_BASE + 1, mark_capacity(args.mark_mask)))
     for eni in enis:
         log.info("ENI %s: table %d, %s, %d IPv4 and %d IPv6 addresses", eni.name, table_of(eni),
-                 "from IMDS" if eni.origin == "imds" else "found locally", len(eni.ipv4), len(eni.ipv6))
-    desired = plan(enis, args.mark_mask)
+                 "from IMDS" if eni.origin == "imds" else "found locally",
+                 len(eni.families[4].addresses), len(eni.families[6].addresses))
+    desired = plan(enis, args.mark_mask, {link.name: link.group for link in system.links})
     if imds is None:  # no full answer: never remove addresses added earlier
         desired = desired._replace(addresses=desired.addresses | owned.addresses)
     return enis, desired
@@ -2134,10 +2445,18 @@ def exit_at_once(code):
     os._exit(code)
 
 
+def run_as_program():
+    """The tool as a program: a short run that builds thousands of small objects
+    and no cycles worth collecting, so the cyclic collector would only cost time
+    (~5 ms at 15x50); the test hook MULTI_ENI_ROUTING_FAIL_AFTER; a quick exit."""
+    gc.disable()
+    exit_at_once(main(fail_after=int(os.environ.get("MULTI_ENI_ROUTING_FAIL_AFTER") or 0)))
+
+
 def console_main():
     """Entry point of the `multi-eni-routing` console script."""
-    exit_at_once(main())
+    run_as_program()
 
 
 if __name__ == "__main__":
-    exit_at_once(main())
+    run_as_program()

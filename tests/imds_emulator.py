@@ -19,11 +19,15 @@ change the metadata tree or the misbehaviour while the server runs:
 
 The "meta-data" tree maps names to strings (a file) or objects (a directory,
 listed one name per line, subdirectories with a trailing "/"). An empty
-string is answered with 404, like AWS does for e.g. an ENI without ipv6s. A
-value {"huge": N} is answered with N bytes of junk.
+string is a key the ENI does not have, like AWS's ipv6s on an ENI without
+IPv6: answered with 404 and left out of its directory's listing. A value
+{"huge": N} is answered with N bytes of junk.
 
 "first N" counters restart whenever the behaviour section changes.
-Every request is appended to the log file as one JSON line.
+Every request is appended to the log file as one JSON line: method, path,
+status, whether it had a token, the client address and port (one port per
+connection), and how many connections were open while it was answered.
+Connections are served concurrently, one thread each.
 """
 
 import argparse
@@ -50,6 +54,8 @@ class Emulator:
         self.lock = threading.Lock()
         self.behaviour_seen = None
         self.counters = {}
+        self.connections = 0  # open now
+        self.peak_connections = 0
 
     def load(self):
         with open(self.config_path) as f:
@@ -67,6 +73,11 @@ class Emulator:
             seen = self.counters.get(key, 0)
             self.counters[key] = seen + 1
             return seen
+
+    def connected(self, change):
+        with self.lock:
+            self.connections += change
+            self.peak_connections = max(self.peak_connections, self.connections)
 
     def new_token(self, ttl):
         token = secrets.token_urlsafe(32)
@@ -102,7 +113,7 @@ def render(node):
         return b"x" * int(node["huge"])
     if isinstance(node, dict):
         names = [k + "/" if isinstance(v, dict) and set(v) != {"huge"} else k
-                 for k, v in node.items()]
+                 for k, v in node.items() if v != ""]
         return "\n".join(names).encode()
     return str(node).encode()
 
@@ -126,18 +137,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass  # requests go to our JSON log instead
 
+    def setup(self):
+        super().setup()
+        self.server.emulator.connected(+1)
+
+    def finish(self):
+        self.server.emulator.connected(-1)
+        super().finish()
+
     def answer(self, status, body=b""):
+        emulator = self.server.emulator
+        emulator.log({  # before the answer: a client that has it finds it in the log
+            "time": time.time(), "method": self.command, "path": self.path,
+            "status": status, "token": bool(self.headers.get("X-aws-ec2-metadata-token")),
+            "client": self.client_address[0], "port": self.client_address[1],
+            "connections": emulator.connections,
+        })
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        emulator = self.server.emulator
-        emulator.log({
-            "time": time.time(), "method": self.command, "path": self.path,
-            "status": status, "token": bool(self.headers.get("X-aws-ec2-metadata-token")),
-            "client": self.client_address[0],
-        })
 
     def misbehaviour(self, behaviour):
         """The status code forced by the behaviour section, or None."""

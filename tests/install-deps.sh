@@ -23,6 +23,8 @@ python3-venv
 git
 debootstrap
 systemd-container
+docker.io
+busybox-static
 "
 missing=""
 for pkg in $packages; do

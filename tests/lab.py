@@ -909,6 +909,7 @@ class Lab:
             "iptables": iptables("iptables-save"),
             "ip6tables": iptables("ip6tables-save"),
             "addresses": _run(["ip", "-n", ns, "-o", "addr", "show"]).stdout,
+            "links": _run(["ip", "-n", ns, "-o", "link", "show"]).stdout,
             "sysctls": self.run(ns, "sysctl", "net.ipv4.conf", "net.ipv6.conf",
                                 "net.ipv4.ip_forward", check=False).stdout,
         }

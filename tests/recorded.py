@@ -42,7 +42,10 @@ class RecordedImds:
         pass
 
     def remaining(self):
-        return 1.0
+        return 0.0  # a recording does not change: waiting for it would never end
+
+    def another(self):
+        return self
 
     def get(self, path, missing_ok=True, retry_missing=False):
         if path == "mac":
@@ -50,7 +53,11 @@ class RecordedImds:
         if path == "network/interfaces/macs/":
             return "\n".join(mac + "/" for mac in self.tree["macs"])
         mac, field = path[len("network/interfaces/macs/"):].split("/", 1)
-        value = self.tree["macs"][mac].get(field)
+        keys = self.tree["macs"].get(mac)
+        if keys is not None and field == "":  # the ENI's directory: the keys it has
+            value = "\n".join(sorted(keys))
+        else:
+            value = (keys or {}).get(field)
         if value is None and not missing_ok:
             raise mer.ImdsError("%s: HTTP 404" % path)
         return value

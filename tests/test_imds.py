@@ -55,8 +55,8 @@ def fetch(client):
 def test_imdsv2_token_is_used_for_every_get(imds):
     answer, _ = fetch(imds(tokens="required")())
     assert answer.primary_mac == PRIMARY
-    assert answer.enis[SECONDARY].ipv4s == ("203.0.113.10", "203.0.113.11")
-    assert answer.enis[SECONDARY].subnets4[0].exploded == "203.0.113.0/24"
+    assert answer.enis[SECONDARY].families[4].addresses == ("203.0.113.10", "203.0.113.11")
+    assert answer.enis[SECONDARY].families[4].subnets[0].exploded == "203.0.113.0/24"
     gets = [r for r in imds.requests() if r["method"] == "GET"]
     assert gets and all(r["token"] and r["status"] in (200, 404) for r in gets)
 
@@ -89,11 +89,18 @@ def test_a_slow_imds_hits_the_time_bound(imds):
     assert elapsed < 2.5
 
 
+def junk_listing():
+    meta = tree()
+    meta["network"]["interfaces"]["macs"][SECONDARY] = "<html>junk</html>"
+    return meta
+
+
 @pytest.mark.parametrize("meta_data, message", [
     (dict(tree(), mac="not-a-mac"), "not a MAC address"),
     (tree(secondary_ipv4s="203.0.113.10\n2001:db8::1"), "is not IPv4"),
     (tree(secondary_ipv4s="<html>junk</html>"), "not an address"),
     (dict(tree(), mac={"huge": 10 ** 6}), "larger than"),
+    (junk_listing(), "not a key listing"),
 ])
 def test_malformed_answers_are_refused_whole(imds, meta_data, message):
     error, elapsed = fetch(imds(meta_data)())
@@ -177,3 +184,132 @@ def test_a_kept_alive_connection_closed_by_imds_is_reopened_once(imds):
     with pytest.raises(mer.ImdsError, match="connection reset"):
         client.get("mac")
     assert len(calls) == 2
+
+
+# -- what a run asks: the listing first, then only keys the ENI has, 4 ENIs at once --
+
+def typical_eni(number):
+    """An IPv4 ENI on one network card, as IMDS has it: no network-card, ipv6s or
+    prefixes (empty: not listed, 404), the keys the tool does not read."""
+    return {"device-number": str(number), "interface-id": "eni-%017x" % number, "mac": mac_of(number),
+            "local-ipv4s": "\n".join("198.18.%d.%d" % (number, host) for host in range(10, 60)),
+            "subnet-ipv4-cidr-block": "198.18.%d.0/24" % number, "subnet-id": "subnet-%017x" % number,
+            "vpc-id": "vpc-0000000000000000a", "vpc-ipv4-cidr-block": "198.18.0.0/15",
+            "vpc-ipv4-cidr-blocks": "198.18.0.0/15", "security-group-ids": "sg-0000000000000000a",
+            "owner-id": "123456789012", "ipv4-associations": {"198.18.0.1": "198.18.%d.10" % number},
+            "network-card": "", "ipv6s": "", "subnet-ipv6-cidr-blocks": "", "ipv4-prefix": "", "ipv6-prefix": ""}
+
+
+def mac_of(number):
+    return "02:00:00:00:01:%02x" % number
+
+
+def instance(enis):
+    return {"mac": mac_of(0), "network": {"interfaces": {"macs": {e["mac"]: e for e in enis}}}}
+
+
+def per_eni(requests):
+    """Requests per MAC, from the emulator's log."""
+    counts = {}
+    for request in requests:
+        mac = imds_emulator.mac_in(request["path"])
+        counts[mac] = counts.get(mac, 0) + 1
+    return counts
+
+
+def test_a_typical_eni_costs_at_most_5_requests_plus_3_per_run(imds):
+    enis = [typical_eni(number) for number in range(15)]
+    answer, _ = fetch(imds(instance(enis))())
+    assert answer.enis[mac_of(7)] == mer.ImdsEni(
+        mac_of(7), 7, 0, "eni-00000000000000007",
+        {4: mer.ImdsFamily(tuple("198.18.7.%d" % h for h in range(10, 60)),
+                           (mer.ipaddress.ip_network("198.18.7.0/24"),), ()),
+         6: mer.ImdsFamily((), (), ())})
+    requests = imds.requests()
+    assert [r["status"] for r in requests] == [200] * len(requests), "no 404s"
+    counts = per_eni(requests)
+    assert counts.pop(None) == 3  # token, mac, macs/
+    assert sorted(counts) == sorted(mac_of(n) for n in range(15))
+    assert max(counts.values()) <= 5
+
+
+def test_enis_are_fetched_on_at_most_4_connections_several_times_faster(imds, monkeypatch):
+    client = imds(instance([typical_eni(number) for number in range(15)]), delay=0.01)
+    monkeypatch.setattr(mer, "IMDS_CONNECTIONS", 1)
+    one_at_a_time, sequential = fetch(client(timeout=10))
+    monkeypatch.undo()
+    log_size = len(imds.requests())
+    concurrent_answer, concurrent = fetch(client(timeout=10))
+    requests = imds.requests()[log_size:]
+    assert concurrent_answer == one_at_a_time and len(concurrent_answer.enis) == 15
+    assert len({r["port"] for r in requests}) == 4  # one connection each, kept alive
+    assert max(r["connections"] for r in requests) == 4
+    assert sequential >= len(requests) * 0.01
+    assert concurrent < sequential / 2, (concurrent, sequential)
+
+
+def test_an_ipv6_only_eni_is_answered_at_once(imds):
+    ipv6_only = dict(typical_eni(1), **{"local-ipv4s": "", "subnet-ipv4-cidr-block": "",
+                                        "ipv6s": "2001:db8:1::10", "subnet-ipv6-cidr-blocks": "2001:db8:1::/64"})
+    answer, elapsed = fetch(imds(instance([typical_eni(0), ipv6_only]))(timeout=5.0))
+    families = answer.enis[mac_of(1)].families
+    assert families[4] == mer.ImdsFamily((), (), ())
+    assert families[6] == mer.ImdsFamily(("2001:db8:1::10",), (mer.ipaddress.ip_network("2001:db8:1::/64"),), ())
+    assert elapsed < 0.5  # it was retried until the deadline: 4.6 of 5 s
+    assert all(r["status"] == 200 for r in imds.requests())
+
+
+def test_a_just_attached_eni_without_device_number_yet_is_waited_for(imds):
+    late = dict(typical_eni(1), **{"device-number": ""})
+    client = imds(instance([typical_eni(0), late]))()
+    threading.Timer(0.3, lambda: imds(instance([typical_eni(0), typical_eni(1)]))).start()
+    answer, elapsed = fetch(client)
+    assert answer.enis[mac_of(1)].device_number == 1
+    assert 0.3 <= elapsed < 2
+    error, elapsed = fetch(imds(instance([typical_eni(0), late]))(timeout=1.0))
+    assert isinstance(error, mer.ImdsError) and "lists no device-number" in str(error)
+    assert elapsed < 1.5
+
+
+def test_a_secondary_saying_device_number_0_for_a_moment_is_waited_for(imds):
+    client = imds(instance([typical_eni(0), dict(typical_eni(1), **{"device-number": "0"})]))()
+    threading.Timer(0.3, lambda: imds(instance([typical_eni(0), typical_eni(1)]))).start()
+    answer, elapsed = fetch(client)
+    assert answer.enis[mac_of(1)].device_number == 1
+    assert 0.3 <= elapsed < 2
+
+
+def test_a_listing_404_is_retried_and_then_the_eni_costs_no_more(imds):
+    enis = [typical_eni(0), typical_eni(1)]
+    answer, _ = fetch(imds(instance(enis), mac_404_first={mac_of(1): 2})())
+    assert answer.enis[mac_of(1)].device_number == 1
+    listing = "/latest/meta-data/network/interfaces/macs/%s/" % mac_of(1)
+    assert [r["status"] for r in imds.requests() if r["path"] == listing] == [404, 404, 200]
+    assert per_eni(imds.requests())[mac_of(1)] <= 5 + 2
+
+
+def test_each_connection_uses_the_token_and_the_endpoint_that_answered(imds):
+    """The first endpoint accepts connections and never answers; every connection
+    goes to the second one, with the token."""
+    client = imds(instance([typical_eni(number) for number in range(6)]))
+    port = client().port
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        silent.bind(("127.0.0.2", port))
+        silent.listen(0)
+        answer, elapsed = fetch(mer.ImdsClient(3.0, ("127.0.0.2", "127.0.0.1"), port))
+    finally:
+        silent.close()
+    assert len(answer.enis) == 6 and elapsed < 2
+    gets = [r for r in imds.requests() if r["method"] == "GET"]
+    assert len({r["port"] for r in gets}) == 4 and all(r["token"] for r in gets)
+
+
+def test_a_refused_eni_stops_the_others_retrying(imds):
+    """One ENI's answer is junk while another's listing still 404s: the whole
+    answer is refused at once, not after the other has used up the deadline."""
+    meta = instance([typical_eni(number) for number in range(3)])
+    meta["network"]["interfaces"]["macs"][mac_of(1)] = "<html>junk</html>"
+    error, elapsed = fetch(imds(meta, mac_404_first={mac_of(2): 10 ** 9})(timeout=5.0))
+    assert isinstance(error, mer.ImdsError) and "not a key listing" in str(error)
+    assert elapsed < 1

@@ -16,6 +16,17 @@ def enis_of(name, use_imds=True, **options):
     return mer.select_enis(recorded.system(name), recorded.imds(name) if use_imds else None, **options)
 
 
+def v4(eni):
+    return eni.families[4]
+
+
+def v6(eni):
+    return eni.families[6]
+
+
+NO_CHANGES = mer.Changes({4: [], 6: []}, {4: [], 6: []}, [])
+
+
 # -- Golden plans: the first apply on each recorded instance, command by command. --
 
 @pytest.mark.parametrize("name", recorded.NAMES)
@@ -34,18 +45,21 @@ def test_first_apply_matches_golden_plan(name):
 def test_links_carry_mac_and_global_addresses_only():
     links = {link.name: link for link in recorded.system("docker-host").links}
     assert links["eth0"].mac == "02:00:00:00:00:01"
-    assert links["eth0"].ipv4 == (("198.51.100.10", 24), ("198.51.100.99", 24))
-    assert not any(a.ip.startswith("fe80:") for link in links.values() for a in link.ipv6)
+    assert links["eth0"].addresses[4] == (("198.51.100.10", 24), ("198.51.100.99", 24))
+    assert not any(a.ip.startswith("fe80:") for link in links.values() for a in link.addresses[6])
+    assert links["eth0"].group == 0
 
 
 def test_only_the_tools_own_rules_routes_and_chains_are_read_as_owned():
     foreign = recorded.system("docker-host")  # has a foreign rule, table 100, KUBE-MARK
     assert foreign.rules == [] and foreign.routes == []
-    assert foreign.mangle4 == mer.NO_MANGLE
+    assert foreign.mangle[4] == mer.NO_MANGLE
+    assert mer.ForeignRule(4, 100, "198.51.100.99/32", None) in foreign.foreign_rules
     applied = recorded.system("applied-2eni")
-    assert {r.priority for r in applied.rules} >= {20000, 20001, 20100, 20101, 20200, 20300, 20301}
+    assert {r.priority for r in applied.rules} == {20000, 20001, 20200, 20300, 20301}
     assert {r.table for r in applied.routes} == {22000, 22001}
-    assert dict(applied.mangle4.chains).keys() == {mer.CHAIN_PREROUTING, mer.CHAIN_OUTPUT}
+    assert dict(applied.mangle[4].chains).keys() == {mer.CHAIN_PREROUTING, mer.CHAIN_OUTPUT}
+    assert {link.name for link in applied.links if link.group == mer.ENI_GROUP} == {"eth0", "eth1"}
 
 
 def test_main_table_gives_gateways_and_connected_subnets():
@@ -56,15 +70,23 @@ def test_main_table_gives_gateways_and_connected_subnets():
 
 
 def test_rule_fields_are_normalised():
-    data = [{"priority": 20101, "src": "203.0.113.48", "srclen": 28, "table": "22002", "protocol": "231"},
+    data = [{"priority": 20302, "src": "203.0.113.48", "srclen": 28, "table": "22002", "protocol": "231"},
+            {"priority": 20300, "src": "198.51.100.0", "srclen": 24, "iif": "lo", "table": "22000",
+             "protocol": "231"},
             {"priority": 20000, "src": "all", "fwmark": "0x100", "fwmask": "0x3f00", "table": "22000",
              "protocol": "231"},
+            {"priority": 20200, "src": "all", "table": "main", "suppress_ifgroup": "231", "protocol": "231"},
             {"priority": 20200, "src": "all", "table": "main", "suppress_prefixlen": 0, "protocol": "231"},
-            {"priority": 100, "src": "198.51.100.99", "table": "100"}]
+            {"priority": 100, "src": "198.51.100.99", "table": "100"},
+            {"priority": 512, "src": "all", "dst": "203.0.113.77", "table": "main"}]
     assert mer.parse_rules(data, 4) == [
-        mer.Rule(4, 20101, "203.0.113.48/28", None, 22002, None),
-        mer.Rule(4, 20000, None, "0x100/0x3f00", 22000, None),
-        mer.Rule(4, 20200, None, None, mer.TABLE_MAIN, 0)]
+        mer.rule(4, 20302, 22002, src="203.0.113.48/28"),
+        mer.rule(4, 20300, 22000, src="198.51.100.0/24", iif="lo"),
+        mer.rule(4, 20000, 22000, fwmark="0x100/0x3f00"),
+        mer.rule(4, 20200, mer.TABLE_MAIN, suppress_ifgroup=231),
+        mer.Rule(4, 20200, None, None, None, mer.TABLE_MAIN, 0, None),  # version 1's, to be removed
+        mer.ForeignRule(4, 100, "198.51.100.99/32", None),
+        mer.ForeignRule(4, 512, None, "203.0.113.77/32")]
 
 
 def test_bad_json_from_ip_is_one_clear_error():
@@ -94,29 +116,36 @@ def test_interface_option_orders_and_exclude_removes():
 
 def test_imds_only_secondary_address_is_added_and_routed():
     ens6 = enis_of("nitro-ens5-ens6-ens7")[1]
-    assert ens6.added_ipv4 == ("198.51.100.141",)
-    assert "198.51.100.141" in ens6.ipv4
-    assert enis_of("nitro-ens5-ens6-ens7", add_from_imds=False)[1].added_ipv4 == ()
+    assert v4(ens6).added == ("198.51.100.141",)
+    assert "198.51.100.141" in v4(ens6).addresses
+    assert v4(enis_of("nitro-ens5-ens6-ens7", add_from_imds=False)[1]).added == ()
+
+
+def with_addresses(meta, family, addresses):
+    """META (an ImdsEni) with other addresses of FAMILY."""
+    families = dict(meta.families)
+    families[family] = families[family]._replace(addresses=addresses)
+    return meta._replace(families=families)
 
 
 def test_address_added_earlier_and_dropped_by_imds_is_neither_kept_nor_routed():
     system = recorded.system("xen-eth0-eth1")  # 198.51.100.11 is configured on eth0
     imds = recorded.imds("xen-eth0-eth1")
-    eth0_meta = imds.enis["02:00:00:00:00:01"]._replace(ipv4s=("198.51.100.10",))
+    eth0_meta = with_addresses(imds.enis["02:00:00:00:00:01"], 4, ("198.51.100.10",))
     imds = imds._replace(enis=dict(imds.enis, **{"02:00:00:00:00:01": eth0_meta}))
     ours = frozenset([mer.Address("eth0", "198.51.100.11/32")])
     eth0 = mer.select_enis(system, imds, owned_addresses=ours)[0]
-    assert "198.51.100.11" not in eth0.ipv4
+    assert "198.51.100.11" not in v4(eth0).addresses
     # ... while one the admin configured stays routed whatever IMDS says.
     eth0 = mer.select_enis(system, imds)[0]
-    assert "198.51.100.11" in eth0.ipv4
+    assert "198.51.100.11" in v4(eth0).addresses
 
 
 def test_address_added_earlier_is_kept_when_imds_does_not_answer():
     system = recorded.system("xen-eth0-eth1")
     ours = frozenset([mer.Address("eth0", "198.51.100.11/32")])
     eth0 = mer.select_enis(system, None, owned_addresses=ours)[0]
-    assert "198.51.100.11" in eth0.ipv4 and eth0.added_ipv4 == ("198.51.100.11",)
+    assert "198.51.100.11" in v4(eth0).addresses and v4(eth0).added == ("198.51.100.11",)
 
 
 def test_routed_eni_missing_from_imds_keeps_its_table():
@@ -131,7 +160,7 @@ def test_routed_eni_missing_from_imds_keeps_its_table():
 
 def test_single_eni_needs_no_policy_routing():
     desired = mer.plan(enis_of("single-eni"))
-    assert not desired.rules and not desired.routes and desired.mangle4 == mer.NO_MANGLE
+    assert not desired.rules and not desired.routes and desired.mangle == mer.NOTHING.mangle
 
 
 def test_each_eni_table_routes_via_its_own_gateway():
@@ -146,17 +175,49 @@ def test_same_subnet_enis_each_route_their_subnet_through_themselves():
     desired = mer.plan(enis_of("same-subnet"))
     subnet_routes = {(r.table, r.dev) for r in desired.routes if r.dst == "203.0.113.0/24"}
     assert subnet_routes == {(22000, "enX0"), (22001, "enX1")}
-    sources = {(r.src, r.table) for r in desired.rules if r.priority >= mer.PRIO_SOURCE}
-    assert sources == {("203.0.113.10/32", 22000), ("203.0.113.20/32", 22001)}
+    # the subnet is not one ENI's: its addresses are chosen one by one, from any iif
+    sources = {(r.src, r.iif, r.table) for r in desired.rules if r.priority >= mer.PRIO_SOURCE}
+    assert sources == {("203.0.113.10/32", None, 22000), ("203.0.113.20/32", None, 22001)}
 
 
-def test_main_table_is_consulted_before_the_eni_default_routes():
+def test_a_subnet_of_one_eni_is_one_rule_for_what_the_host_sends_whatever_its_addresses():
+    desired = mer.plan(enis_of("xen-eth0-eth1"))  # eth0 has two addresses, eth1 one
+    sources = sorted((r.priority, r.src, r.iif) for r in desired.rules if r.src)
+    assert sources == [(20300, "198.51.100.0/24", "lo"), (20301, "203.0.113.0/24", "lo")]
+
+
+def test_main_wins_unless_its_route_goes_through_an_eni():
     desired = mer.plan(enis_of("xen-eth0-eth1"))
     main = [r for r in desired.rules if r.table == mer.TABLE_MAIN]
-    assert main == [mer.Rule(4, mer.PRIO_MAIN, None, None, mer.TABLE_MAIN, 0)]
-    subnet_rules = [r for r in desired.rules if r.suppress == 0 and r.src]
-    assert all(r.priority < mer.PRIO_MAIN for r in subnet_rules)
-    assert all(r.priority > mer.PRIO_MAIN for r in desired.rules if r.src and r.suppress is None)
+    assert main == [mer.rule(4, mer.PRIO_MAIN, mer.TABLE_MAIN, suppress_ifgroup=mer.ENI_GROUP)]
+    assert all(r.priority > mer.PRIO_MAIN for r in desired.rules if r.src)
+    assert desired.groups == {"eth0", "eth1"}
+
+
+def test_a_link_in_someone_elses_group_keeps_it():
+    enis = enis_of("xen-eth0-eth1")
+    assert mer.plan(enis, groups={"eth0": 7, "eth1": 0}).groups == {"eth1"}
+
+
+def test_rules_grow_with_enis_not_with_addresses():
+    system = recorded.system("xen-eth0-eth1")
+    eth1 = next(link for link in system.links if link.name == "eth1")
+    many = eth1._replace(addresses={4: eth1.addresses[4] + tuple(
+        mer.LinkAddress("203.0.113.%d" % n, 24) for n in range(20, 70)), 6: ()})
+    crowded = system._replace(links=[many if link.name == "eth1" else link for link in system.links])
+    assert len(mer.plan(mer.select_enis(crowded, None)).rules) == len(mer.plan(enis_of("xen-eth0-eth1")).rules) == 5
+
+
+def test_an_address_outside_its_enis_subnets_gets_its_own_rule_and_takes_the_subnet_from_no_one():
+    system = recorded.system("xen-eth0-eth1")
+    eth1 = next(link for link in system.links if link.name == "eth1")
+    stray = eth1._replace(addresses={4: eth1.addresses[4] + (mer.LinkAddress("198.51.100.77", 32),), 6: ()})
+    mixed = system._replace(links=[stray if link.name == "eth1" else link for link in system.links])
+    sources = {(r.src, r.iif, r.table) for r in mer.plan(mer.select_enis(mixed, recorded.imds("xen-eth0-eth1"))).rules
+               if r.src}
+    # eth0's subnet now holds an address of eth1's: both go address by address
+    assert sources == {("198.51.100.10/32", None, 22000), ("198.51.100.11/32", None, 22000),
+                       ("203.0.113.0/24", "lo", 22001), ("198.51.100.77/32", None, 22001)}
 
 
 def test_delegated_prefixes_get_source_rules_but_no_address():
@@ -179,8 +240,9 @@ def test_a_custom_mark_mask_is_used_and_one_too_small_is_refused():
     enis = enis_of("nitro-ens5-ens6-ens7")
     assert {r.fwmark for r in mer.plan(enis, 0xF0000).rules if r.fwmark} == {
         "0x10000/0xf0000", "0x20000/0xf0000", "0x30000/0xf0000"}
-    with pytest.raises(mer.ToolError, match="no room"):
-        mer.plan(enis, 0x1)  # one mark value, three ENIs
+    assert mer.mark_capacity(0x300) == 3 and mer.mark_capacity(mer.DEFAULT_MARK_MASK) == 63
+    with pytest.raises(mer.ToolError, match="3 ENIs, but room for 1"):
+        enis_of("nitro-ens5-ens6-ens7", max_slots=mer.mark_capacity(0x100))
 
 
 def test_mark_mask_option_wants_one_run_of_bits():
@@ -235,12 +297,12 @@ def test_changes_add_before_they_point_and_remove_the_other_way():
     old = mer.Route(4, 22001, "default", "203.0.113.1", "eth1")
     new = mer.Route(4, 22001, "default", "203.0.113.254", "eth1")
     link = mer.Route(4, 22001, "203.0.113.0/24", None, "eth1")
-    rule = mer.Rule(4, 20301, "203.0.113.10/32", None, 22001, None)
-    gone = mer.Rule(4, 20301, "203.0.113.11/32", None, 22001, None)
+    rule = mer.rule(4, 20301, 22001, src="203.0.113.10/32")
+    gone = mer.rule(4, 20301, 22001, src="203.0.113.11/32")
     desired = EMPTY._replace(routes=frozenset([new, link]), rules=frozenset([rule]),
                              addresses=frozenset([mer.Address("eth1", "203.0.113.12/32")]))
     current = EMPTY._replace(routes=frozenset([old]), rules=frozenset([gone]))
-    assert mer.diff(desired, current, {}, {}).ip4 == [
+    assert mer.diff(desired, current, {}, {}).ip[4] == [
         "address add 203.0.113.12/32 dev eth1",
         "route add 203.0.113.0/24 dev eth1 table 22001 proto 231",
         "route replace default via 203.0.113.254 dev eth1 table 22001 proto 231",
@@ -250,9 +312,10 @@ def test_changes_add_before_they_point_and_remove_the_other_way():
 
 def test_mangle_in_sync_needs_nothing_and_a_duplicate_jump_is_repaired():
     _, _, owned = applied()
-    assert mer.mangle_commands(owned.mangle4, owned.mangle4) == []
-    doubled = owned.mangle4._replace(jumps=tuple(sorted(owned.mangle4.jumps + owned.mangle4.jumps[:1])))
-    repair = mer.mangle_commands(owned.mangle4, doubled)
+    mangle = owned.mangle[4]
+    assert mer.mangle_commands(mangle, mangle) == []
+    doubled = mangle._replace(jumps=tuple(sorted(mangle.jumps + mangle.jumps[:1])))
+    repair = mer.mangle_commands(mangle, doubled)
     assert [line.split(" ")[0] for line in repair if line.startswith(("-D", "-I"))] == ["-D", "-D", "-I"]
 
 
@@ -263,15 +326,14 @@ def test_ipv6_addresses_are_added_without_dad():
 
 def test_status_exit_codes():
     _, _, owned = applied()
-    nothing = mer.Changes([], [], [], [], [])
-    assert mer.status_report([], owned, nothing)["applied"] is True
-    assert mer.status_report([], EMPTY, nothing)["applied"] is False
+    assert mer.status_report([], owned, NO_CHANGES)["applied"] is True
+    assert mer.status_report([], EMPTY, NO_CHANGES)["applied"] is False
 
 
 def test_eni_waiting_for_dhcp_is_not_given_its_primary_address():
     """IMDS lists eth1's primary 203.0.113.10, but eth1 has no address yet: DHCP's job."""
     enis = {e.name: e for e in enis_of("no-address")}
-    assert enis["eth1"].added_ipv4 == () and enis["eth1"].ipv4 == ()
+    assert v4(enis["eth1"]).added == () and v4(enis["eth1"]).addresses == ()
     assert not any(r.table == 22001 for r in mer.plan(list(enis.values())).rules)
 
 
@@ -299,16 +361,16 @@ def test_interface_gone_is_a_usage_error_for_apply_but_not_for_flush_or_status(m
         assert args.interface == ["eth0"]
 
 
-def test_enis_never_share_a_table():
+def test_enis_never_share_a_number_or_a_table():
     """eth1 is device 1 in IMDS; eth0 and a NIC IMDS does not know must not take 1."""
     system = recorded.system("xen-eth0-eth1")
     imds = recorded.imds("xen-eth0-eth1")
     eth0_mac = imds.primary_mac
     imds = imds._replace(enis={mac: meta for mac, meta in imds.enis.items() if mac != eth0_mac})
     enis = mer.select_enis(system, imds, include=["eth0", "eth1"])  # eth0 unknown to IMDS: position 0
-    assert [(e.name, mer.table_of(e)) for e in enis] == [("eth0", 22000), ("eth1", 22001)]
+    assert [(e.name, e.device_number, mer.table_of(e)) for e in enis] == [("eth0", 0, 22000), ("eth1", 1, 22001)]
     enis = mer.select_enis(system, imds, include=["eth1", "eth0"])  # eth0 at position 1, taken by eth1
-    assert [(e.name, mer.table_of(e)) for e in enis] == [("eth1", 22001), ("eth0", 22002)]
+    assert [(e.name, e.device_number, mer.table_of(e)) for e in enis] == [("eth1", 1, 22000), ("eth0", 2, 22001)]
 
 
 def test_imds_giving_two_enis_one_device_number_is_refused():
@@ -327,10 +389,10 @@ def test_duplicate_interface_options_count_once():
 def test_kernel_without_ipv6_is_given_no_ipv6_addresses():
     system = recorded.system("nitro-ens5-ens6-ens7")._replace(ipv6=False)
     imds = recorded.imds("nitro-ens5-ens6-ens7")
-    imds = imds._replace(enis={mac: meta._replace(ipv6s=meta.ipv6s + ("2001:db8:b::99",))
+    imds = imds._replace(enis={mac: with_addresses(meta, 6, meta.families[6].addresses + ("2001:db8:b::99",))
                                for mac, meta in imds.enis.items()})
-    assert all(e.added_ipv6 == () for e in mer.select_enis(system, imds))
-    assert any(e.added_ipv6 for e in mer.select_enis(system._replace(ipv6=True), imds))
+    assert all(v6(e).added == () for e in mer.select_enis(system, imds))
+    assert any(v6(e).added for e in mer.select_enis(system._replace(ipv6=True), imds))
 
 
 def test_ipv6_sources_read_as_empty_when_the_kernel_has_no_ipv6(monkeypatch):
@@ -350,9 +412,8 @@ def test_a_link_that_is_down_is_not_routed_until_it_is_up():
 
 def test_leftover_chains_alone_count_as_applied_for_status():
     _, _, owned = applied()
-    chains_only = EMPTY._replace(mangle4=owned.mangle4)
-    nothing = mer.Changes([], [], [], [], [])
-    assert mer.status_report([], chains_only, nothing)["applied"] is True
+    chains_only = EMPTY._replace(mangle={4: owned.mangle[4], 6: mer.NO_MANGLE})
+    assert mer.status_report([], chains_only, NO_CHANGES)["applied"] is True
 
 
 # -- Exit codes and errors at the boundary. ------------------------------------------
@@ -412,7 +473,7 @@ def test_ipv6_without_a_learned_router_is_said_not_guessed(capsys):
     no_ra = system._replace(main_routes=[r for r in system.main_routes
                                          if not (r.family == 6 and r.dst == "default" and r.dev == "ens6")])
     ens6 = mer.select_enis(no_ra, recorded.imds("nitro-ens5-ens6-ens7"))[1]
-    assert ens6.gateway6 is None
+    assert v6(ens6).gateway is None
     assert "ens6 has IPv6 addresses but no router learned from RAs" in capsys.readouterr().err
     assert not any(r.dst == "default" and r.family == 6 and r.dev == "ens6" for r in mer.plan([ens6]).routes)
 
@@ -425,10 +486,176 @@ def test_without_imds_a_machine_that_is_not_ec2_has_no_eni():
 
 def test_status_says_where_each_address_came_from(capsys):
     enis = enis_of("nitro-ens5-ens6-ens7")
-    report = mer.status_report(enis, EMPTY, mer.Changes([], [], [], [], []))
+    report = mer.status_report(enis, EMPTY, NO_CHANGES)
     mer.print_status(report)
     out = capsys.readouterr().out
     assert out.startswith("multi-eni-routing: not applied\n")
     assert "ens6: table 22001 (device 1, card 0, from IMDS), gateway 198.51.100.129 and fe80::1" in out
     assert "    198.51.100.140 (configured)\n    198.51.100.141 (added from IMDS)\n" in out
     assert "    2001:db8:b:0:1234::/80 (delegated prefix)\n" in out
+
+
+# -- Routing model v2: numbering, names, addresses routed elsewhere, the record. -----
+
+def test_slots_are_dense_from_zero_over_the_pairs_that_exist():
+    numbers = [(0, 0), (4, 0), (10, 0), (31, 0), (0, 1)]
+    assert mer.slots_of(numbers, [None] * 5, {}, 63) == [0, 1, 2, 3, 4]
+
+
+def test_a_reattached_eni_gets_its_remembered_slot_back_and_newcomers_avoid_it():
+    remembered = {"0:0": 0, "0:1": 1, "4:0": 2}  # 0:1 was detached
+    assert mer.slots_of([(0, 0), (4, 0), (10, 0)], [None] * 3, remembered, 63) == [0, 2, 3]
+    assert mer.slots_of([(0, 0), (4, 0), (0, 1)], [None] * 3, remembered, 63) == [0, 2, 1]
+    # with no room left, a remembered but absent pair gives its slot up
+    assert mer.slots_of([(0, 0), (4, 0), (10, 0)], [None] * 3, remembered, 3) == [0, 2, 1]
+
+
+def test_without_a_record_an_interface_keeps_the_slot_it_is_routed_with():
+    assert mer.slots_of([(0, 0), (0, 1)], [0, 5], {}, 63) == [0, 5]
+
+
+def test_more_enis_than_the_mask_numbers_is_one_clear_error():
+    with pytest.raises(mer.ToolError, match="64 ENIs, but room for 63"):
+        mer.slots_of([(card, device) for card in range(32) for device in range(2)], [None] * 64, {}, 63)
+
+
+def test_remembered_slots_keep_absent_pairs_unless_their_slot_was_given_away():
+    enis = enis_of("xen-eth0-eth1")
+    record = {"slots": {"0:5": 7, "0:6": 1}}
+    assert mer.remembered_slots(record, enis) == {"0:0": 0, "0:1": 1, "0:5": 7}
+
+
+def test_an_ipv6_default_goes_although_the_table_keeps_its_ipv4_default():
+    v4_default = mer.Route(4, 22001, "default", "203.0.113.1", "eth1")
+    v6_default = mer.Route(6, 22001, "default", "fe80::1", "eth1")
+    current = EMPTY._replace(routes=frozenset([v4_default, v6_default]))
+    changes = mer.diff(EMPTY._replace(routes=frozenset([v4_default])), current, {}, {})
+    assert changes.ip == {4: [], 6: ["route del default via fe80::1 dev eth1 table 22001 proto 231"]}
+
+
+def test_interfaces_with_unsafe_names_are_skipped_or_refused(capsys):
+    system = recorded.system("xen-eth0-eth1")
+    renamed = [link._replace(name="e#1") if link.name == "eth1" else link for link in system.links]
+    system = system._replace(links=renamed)
+    enis = mer.select_enis(system, recorded.imds("xen-eth0-eth1"))
+    assert [e.name for e in enis] == ["eth0"]
+    assert "'e#1' is not a name the tool can route safely" in capsys.readouterr().err
+    with pytest.raises(mer.ToolError) as error:
+        mer.check_interfaces(mer.parse_args(["-i", "eth0", "-i", "e#1"]), system)
+    assert error.value.exit_code == mer.EXIT_USAGE and "'e#1'" in str(error.value)
+
+
+def test_an_address_main_routes_to_another_device_or_a_foreign_rule_names_is_not_added():
+    """The VPC CNI's secondary-IP mode: IMDS lists eth1's pod addresses."""
+    system = recorded.system("xen-eth0-eth1")
+    imds = recorded.imds("xen-eth0-eth1")
+    eth1_mac = next(mac for mac in imds.enis if mac != imds.primary_mac)
+    meta = imds.enis[eth1_mac]
+    listed = meta.families[4]._replace(addresses=("203.0.113.10", "203.0.113.77", "203.0.113.78", "203.0.113.79"))
+    imds = imds._replace(enis=dict(imds.enis, **{eth1_mac: meta._replace(families={4: listed, 6: meta.families[6]})}))
+    pods = system._replace(
+        main_routes=system.main_routes + [mer.MainRoute(4, "203.0.113.77/32", None, "eni1a2b3c")],
+        foreign_rules=system.foreign_rules + [mer.ForeignRule(4, 512, None, "203.0.113.78/32")])
+    eth1 = mer.select_enis(pods, imds)[1]
+    assert v4(eth1).added == ("203.0.113.79",)
+    assert dict(v4(eth1).refused) == {"203.0.113.77": "main routes it to eni1a2b3c",
+                                      "203.0.113.78": "rule 512 of another program names it"}
+    report = mer.status_report([eth1], EMPTY, NO_CHANGES)
+    assert {"address": "203.0.113.77", "why": "main routes it to eni1a2b3c"} in report["enis"][0]["not_added"]
+
+
+def test_same_subnet_enis_are_not_taken_for_routing_each_others_addresses_elsewhere():
+    enis = enis_of("same-subnet")
+    assert all(v4(e).refused == () for e in enis)
+
+
+def test_record_entries_of_a_gone_or_replaced_interface_are_dropped():
+    links = recorded.system("xen-eth0-eth1").links
+    index = {link.name: link.index for link in links}
+    record = {"sysctls": {"net/ipv4/conf/eth1/rp_filter": {"original": "1", "set": "2", "ifindex": index["eth1"]},
+                          "net/ipv4/conf/eth0/rp_filter": {"original": "0", "set": "2", "ifindex": 99},
+                          "net/ipv4/conf/eth7/rp_filter": {"original": "1", "set": "2", "ifindex": 7}},
+              "addresses": [["eth1", "203.0.113.11/32", index["eth1"]], ["eth0", "198.51.100.12/32", 99]],
+              "slots": {"0:0": 0}}
+    live = mer.live_record(record, links)
+    assert list(live["sysctls"]) == ["net/ipv4/conf/eth1/rp_filter"]
+    assert live["addresses"] == [["eth1", "203.0.113.11/32", index["eth1"]]]
+    assert live["slots"] == {"0:0": 0}
+
+
+def test_the_record_is_named_after_this_namespace_whatever_pid_1_is(monkeypatch):
+    monkeypatch.setattr(mer.os, "stat", lambda path: mer.os.stat_result((0,) * 10) if "1/ns" in path
+                        else mer.os.stat_result((0, 4026532281) + (0,) * 8))
+    assert mer.netns_id() == 4026532281
+    assert mer.state_path("/run/multi-eni-routing", mer.netns_id()) == \
+        "/run/multi-eni-routing/state-netns-4026532281.json"
+
+
+def test_an_upgrade_replaces_the_state_of_version_1_whole():
+    system = recorded.system("applied-v1")
+    owned = mer.owned_state(system, {})
+    desired = mer.plan(mer.select_enis(system, recorded.imds("applied-v1")),
+                       groups={link.name: link.group for link in system.links})
+    commands = mer.render(mer.diff(desired, owned, {}, {}))
+    deleted = [c for c in commands if " rule del " in c]
+    # all 9 rules of version 1 but its two fwmark rules, which version 2 has too
+    assert len(deleted) == 7 and not any("fwmark" in c for c in deleted)
+    assert any("suppress_prefixlength 0" in c for c in deleted)
+    assert "ip -4 route del 198.51.100.0/24 via 203.0.113.1 dev eth1 table 22001 proto 231" in commands
+    assert "iptables -t mangle -F MULTI-ENI-PREROUTING" in commands
+    desired_now = mer.owned_state(recorded.system("applied-2eni"), {})
+    assert desired_now.rules == desired.rules and desired_now.routes == desired.routes
+    assert desired_now.mangle == desired.mangle and desired_now.groups == desired.groups
+
+
+def test_an_imds_answer_without_the_addresses_the_eni_has_removes_none_the_tool_added():
+    """A listing that shows device-number but not yet local-ipv4s reads like an IPv6-only ENI."""
+    system = recorded.system("xen-eth0-eth1")
+    imds = recorded.imds("xen-eth0-eth1")
+    primary = imds.enis[imds.primary_mac]
+    imds = imds._replace(enis=dict(imds.enis, **{imds.primary_mac: with_addresses(primary, 4, ())}))
+    ours = frozenset([mer.Address("eth0", "198.51.100.11/32")])
+    eth0 = mer.select_enis(system, imds, owned_addresses=ours)[0]
+    assert v4(eth0).added == ("198.51.100.11",)
+
+
+# -- The recorded instances of issue 7. -----------------------------------------------
+
+def test_multi_card_enis_get_dense_slots_within_every_range():
+    enis = enis_of("multi-card")
+    assert [(e.name, e.network_card, e.device_number, e.slot, mer.table_of(e)) for e in enis] == [
+        ("eth0", 0, 0, 0, 22000), ("eth1", 0, 1, 1, 22001), ("eth2", 4, 0, 2, 22002),
+        ("eth3", 10, 0, 3, 22003), ("eth4", 31, 0, 4, 22004)]
+    rules = mer.plan(enis).rules
+    assert max(r.priority for r in rules) == mer.PRIO_SOURCE + 4 <= mer.PRIO_LAST
+    assert {r.fwmark for r in rules if r.fwmark} == {"0x%d00/0x3f00" % n for n in range(1, 6)}
+
+
+def test_an_ipv6_only_eni_is_routed_for_ipv6_only():
+    desired = mer.plan(enis_of("ipv6-only-eni"))
+    assert {(r.family, r.table) for r in desired.rules if r.src} == {(4, 22000), (6, 22000), (6, 22001)}
+    assert list(desired.sysctls) == ["net/ipv4/conf/eth0/rp_filter"]
+
+
+def test_vpc_cni_pod_addresses_are_neither_added_nor_given_rules():
+    enis = {e.name: e for e in enis_of("vpc-cni-node")}
+    assert v4(enis["eth1"]).added == () and v4(enis["eth0"]).added == ()
+    assert {a for a, _ in v4(enis["eth1"]).refused} == {"203.0.113.20", "203.0.113.21"}
+    assert all(why.startswith(("main routes it to eni", "rule ")) for _, why in v4(enis["eth1"]).refused)
+    desired = mer.plan(list(enis.values()))
+    assert not desired.addresses
+    assert not any(r.src and r.src.startswith("203.0.113.2") for r in desired.rules)
+
+
+def test_mixed_subnets_choose_by_subnet_where_one_eni_owns_it_and_by_address_elsewhere():
+    sources = {(r.src, r.iif, r.table) for r in mer.plan(enis_of("mixed-subnets")).rules if r.src}
+    assert sources == {
+        ("198.51.100.10/32", None, 22000),  # 198.51.100.0/24 is eth0's and eth1's
+        ("198.51.100.20/32", None, 22001), ("198.51.100.21/32", None, 22001),
+        ("203.0.113.0/25", "lo", 22002), ("203.0.113.48/28", None, 22002),  # a delegated prefix: any iif
+        ("203.0.113.128/25", "lo", 22003), ("198.18.7.7/32", None, 22003)}  # outside eth3's subnet
+
+
+def test_an_interface_named_with_a_hash_is_never_routed(capsys):
+    assert [e.name for e in enis_of("hash-name")] == ["eth0"]
+    assert "'d#x' is not a name the tool can route safely" in capsys.readouterr().err

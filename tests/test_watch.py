@@ -219,7 +219,7 @@ def test_sd_notify_without_systemd_does_nothing(monkeypatch):
 def test_a_failing_converge_is_reported_and_scheduled_never_raised(monkeypatch, notify_socket, capsys):
     outcomes = [mer.ToolError("ip exited 2: RTNETLINK answers: No such device"), RuntimeError("a bug")]
 
-    def execute(args, started, report=None):
+    def execute(args, started, fail_after=0, report=None):
         raise outcomes.pop(0)
 
     monkeypatch.setattr(mer, "execute", execute)
@@ -231,6 +231,33 @@ def test_a_failing_converge_is_reported_and_scheduled_never_raised(monkeypatch, 
                                         b"No such device; retrying in 1 s")
     assert notify_socket.recv(4096) == b"STATUS=apply failed: unexpected RuntimeError: a bug; retrying in 2 s"
     assert len(capsys.readouterr().err.splitlines()) == 2
+
+
+class NoNetlink:
+    """Stands in for the netlink socket: these tests never listen to the host."""
+
+    def __init__(self):
+        self.opened = True
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("setup, code, message", [
+    (lambda mp: mp.setattr(mer.os, "geteuid", lambda: 1000), mer.EXIT_NOT_ROOT, "must run as root"),
+    (lambda mp: (mp.setattr(mer.os, "geteuid", lambda: 0), mp.setattr(mer, "which", lambda name: None)),
+     mer.EXIT_MISSING_PROGRAM, "ip not found"),
+])
+def test_a_first_apply_no_retry_can_mend_ends_the_watcher_and_its_daemon(monkeypatch, tmp_path, capsys,
+                                                                          setup, code, message):
+    monkeypatch.setattr(mer, "NetlinkWatch", NoNetlink)
+    monkeypatch.setattr(mer.os, "fork", lambda: pytest.fail("forked after a fatal first apply"))
+    setup(monkeypatch)
+    pidfile = tmp_path / "watch.pid"
+    assert mer.main(["--watch", "--daemon", "--pidfile", str(pidfile), "--state-dir", str(tmp_path)]) == code
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("multi-eni-routing: error: " + message)
+    assert not pidfile.exists()
 
 
 def test_a_stop_waits_for_an_apply_under_way_but_not_for_a_read():
@@ -674,3 +701,22 @@ def test_as_a_daemon_a_pid_file_it_cannot_write_is_one_line_and_exit_1(make_lab)
         "multi-eni-routing: error: cannot write the pid file %s: No such file or directory" % pidfile]
     wait_for(lambda: _run(["ip", "netns", "pids", lab.instance]).stdout.split() == [], 5,
              what="no process left in the instance namespace")
+
+
+def test_as_a_daemon_a_failed_first_apply_is_its_exit_code_and_the_daemon_retries(make_lab):
+    lab = make_lab()
+    pidfile = os.path.join(lab.tmpdir, "watch.pid")
+    daemon_pid = None
+    try:
+        result = lab.run_tool("--watch", "--daemon", "--pidfile", pidfile,
+                              env={"MULTI_ENI_ROUTING_FAIL_AFTER": "1"}, timeout=30)
+        assert result.rc == mer.EXIT_FAILURE
+        assert result.stderr.strip().splitlines()[-1].startswith("multi-eni-routing: error: apply failed: ")
+        daemon_pid = int(Path(pidfile).read_text())
+        assert os.path.exists("/proc/%d" % daemon_pid)  # it stays, and retries with backoff
+        os.kill(daemon_pid, signal.SIGTERM)
+        wait_for(lambda: not os.path.exists(pidfile), 5, what="the daemon gone, its pid file too")
+    finally:
+        if daemon_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon_pid, signal.SIGKILL)
