@@ -2119,8 +2119,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv):
     """The options: the command line's, after those of --options-file FILE.
-    A flush never fails on a bad options file: it warns and goes on without it,
-    so that stopping always removes the routing."""
+    A flush never fails on a bad options file (see flush_args), so that
+    stopping always removes the routing."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
