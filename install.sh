@@ -18,6 +18,7 @@ NOW=no
 FORCE=no
 QUIET=no
 DEPS=no
+CHANGED=no  # set when a file is installed or removed: --now then restarts
 
 usage() {
     cat <<EOF
@@ -189,6 +190,7 @@ install_file() {
     else
         install -m "$3" "$1" "$target" || die "cannot install $target"
     fi
+    CHANGED=yes
     say "installed $2"
 }
 
@@ -198,6 +200,7 @@ remove_file() {
     target=$DESTDIR$1
     [ -e "$target" ] || [ -L "$target" ] || return 0
     rm -f "$target" || die "cannot remove $target"
+    CHANGED=yes
     say "removed $1"
     if [ -n "$DESTDIR" ]; then
         d=$(dirname "$target")
@@ -348,6 +351,10 @@ register() {
 }
 
 start_now() {
+    if [ "$CHANGED" = no ] && running_already; then
+        say "running, and nothing changed: not restarted"
+        return 0
+    fi
     if systemd_running; then
         # restart: the watcher reads the options (and runs the new tool) when
         # it starts
@@ -359,6 +366,14 @@ start_now() {
         "/etc/init.d/$NAME" restart || die "/etc/init.d/$NAME start failed"
     fi
     say "started"
+}
+
+running_already() {
+    if systemd_running; then
+        systemctl is-active --quiet "$NAME.service"
+    else
+        "/etc/init.d/$NAME" status >/dev/null 2>&1
+    fi
 }
 
 do_install() {
