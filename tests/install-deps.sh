@@ -26,12 +26,26 @@ systemd-container
 docker.io
 busybox-static
 "
+# Installed where the distribution has them: the docker command is in
+# docker-cli from Debian 13 on (docker.io only recommends it).
+optional="
+docker-cli
+"
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
+known() { apt-cache show "$1" >/dev/null 2>&1; }
 missing=""
 for pkg in $packages; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
+    installed "$pkg" || missing="$missing $pkg"
+done
+for pkg in $optional; do
+    installed "$pkg" || ! known "$pkg" || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then
     apt-get update -qq
+    for pkg in $optional; do
+        case " $missing " in *" $pkg "*) continue ;; esac
+        installed "$pkg" || ! known "$pkg" || missing="$missing $pkg"
+    done
     # shellcheck disable=SC2086 # word splitting of the package list is wanted
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
