@@ -27,6 +27,7 @@ import json
 import os
 import re
 import select
+import shlex
 import signal
 import struct
 import subprocess
@@ -2111,9 +2112,83 @@ EPILOG = (
     "4 not root; 5 a required program is missing.")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit 2), like every other error of the tool."""
+
+    def error(self, message):
+        if self.raise_errors:
+            raise ValueError(message)
+        sys.stderr.write("%s: error: %s (see --help)\n" % (self.prog, message))
+        sys.exit(EXIT_USAGE)
+
+    raise_errors = False
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="multi-eni-routing.py",
+    """The options: the command line's, after those of --options-file FILE.
+    A flush never fails on a bad options file (see flush_args), so that
+    stopping always removes the routing."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.options_file and args.flush:
+        args = flush_args(parser, args, argv)
+    elif args.options_file:
+        args = parser.parse_args(read_options_file(args.options_file) + argv)
+    if args.json and not args.status:
+        parser.error("--json goes with --status")
+    check_watch_args(parser, args)
+    return args
+
+
+def flush_args(parser, args, argv):
+    """A flush with a bad options file still uses what it can of it (--state-dir
+    says where the sysctls to give back are recorded), else only the command line."""
+    parser.raise_errors, problem = True, None
+    try:
+        words = read_options_file(args.options_file, for_flush=True)
+        try:
+            return parser.parse_args(words + argv)
+        except ValueError as exc:
+            problem = exc
+        return parser.parse_known_args(words + argv)[0]
+    except ValueError as exc:
+        problem = exc
+        return args
+    finally:
+        parser.raise_errors = False
+        if problem and not args.quiet:  # -q: the unit's stop; the start said it already
+            log.warning("flushing despite the options file %s: %s", args.options_file, problem)
+
+
+def read_options_file(path, for_flush=False):
+    """The words of an options file: the tool's arguments, split like a shell
+    would (quotes, # comments) but with no expansion of any kind. The old
+    format, MULTI_ENI_ROUTING_OPTS="...", is read too; other assignments of
+    the old format (hotplug settings) are ignored."""
+    try:
+        with open(path) as options:
+            words = shlex.split(options.read(), comments=True)
+    except (OSError, ValueError) as exc:
+        if for_flush:
+            raise ValueError(exc)
+        sys.stderr.write("%s: error: options file %s: %s\n" % (PROG, path, exc))
+        sys.exit(EXIT_USAGE)
+    found = []
+    for word in words:
+        name, assigned, value = word.partition("=")
+        if assigned and name == "MULTI_ENI_ROUTING_OPTS":
+            found += shlex.split(value)
+        elif not (assigned and name.startswith("MULTI_ENI_ROUTING_")):
+            found.append(word)
+    return found
+
+
+def build_parser():
+    # "multi-eni-routing" as the pip console script, the file's name otherwise
+    prog = PROG if os.path.basename(sys.argv[0]) == PROG else "multi-eni-routing.py"
+    parser = OneLineParser(
+        prog=prog,
         description="Give every ENI of this EC2 instance its own policy routing, so that "
                     "every address of every ENI answers through its own ENI. Without an "
                     "action: apply (converge to the plan; safe to repeat).",
@@ -2163,12 +2238,11 @@ def parse_args(argv):
                         help="where the lock and the state record live (default %s)" % STATE_DIR)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: commands)")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less output")
+    parser.add_argument("--options-file", metavar="FILE",
+                        help="read options from FILE first (words as in a shell, # comments, no "
+                             "expansion); the command line's come after them")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
-    args = parser.parse_args(argv)
-    if args.json and not args.status:
-        parser.error("--json goes with --status")
-    check_watch_args(parser, args)
-    return args
+    return parser
 
 
 def check_watch_args(parser, args):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Show what multi_eni_routing.py fixes, in a simulated VPC (needs root):
+"""Show what multi_eni_routing.py fixes, in a simulated VPC (as root, after
+`sh demo/install-deps.sh`, which installs iproute2, iptables and procps):
 
-    sudo python3 demo/vpc-demo.py
+    python3 demo/vpc-demo.py
 
 Builds the lab of tests/lab.py in network namespaces (an instance with two
 ENIs, eth0 198.51.100.10-11 and eth1 203.0.113.10-11, IPv6 on both, and a
@@ -11,6 +12,7 @@ Removes everything when done; touches nothing outside its namespaces.
 """
 
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -49,10 +51,22 @@ def print_table(columns):
         print("%-*s  %s" % (width, label, "".join("%-16s" % column[label] for column in columns)))
 
 
-def main():
+def cannot_run():
+    """Why the demo cannot run here, with what to do about it; or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces): run it as root, e.g. sudo python3 %s" % sys.argv[0]
+    missing = [name for name in ("ip", "iptables-restore", "ip6tables-restore", "sysctl")
+               if not shutil.which(name)]
+    if missing:
+        return "missing %s: run sh demo/install-deps.sh first" % ", ".join(missing)
     usable, why = lab_usable()
-    if not usable:
-        sys.exit("vpc-demo: %s (try: sudo python3 %s)" % (why, sys.argv[0]))
+    return None if usable else why
+
+
+def main():
+    problem = cannot_run()
+    if problem:
+        sys.exit("vpc-demo: %s" % problem)
     print("Building the lab: instance with eth0 + eth1, a VPC router that drops packets "
           "leaving an ENI with a source it does not own, a client, a container...")
     with Lab(enis=2, addresses=2, container=True) as lab:

@@ -20,25 +20,22 @@ DATA = 0o644
 # What a default install (PREFIX=/usr, Debian-style options file) puts down.
 EXPECTED = {
     "usr/bin/multi-eni-routing.py": PROGRAMS,
-    "usr/libexec/multi-eni-routing-hotplug": PROGRAMS,
+    "usr/share/man/man8/multi-eni-routing.8": DATA,
     "etc/init.d/multi-eni-routing": PROGRAMS,
     "etc/default/multi-eni-routing": DATA,
     "usr/lib/systemd/system/multi-eni-routing.service": DATA,
-    "usr/lib/systemd/system/multi-eni-routing-refresh.service": DATA,
-    "usr/lib/systemd/system/multi-eni-routing-refresh.timer": DATA,
     "usr/lib/systemd/networkd.conf.d/multi-eni-routing.conf": DATA,
-    "usr/lib/udev/rules.d/90-multi-eni-routing.rules": DATA,
-    "etc/NetworkManager/dispatcher.d/90-multi-eni-routing": PROGRAMS,
-    "etc/network/if-up.d/multi-eni-routing": PROGRAMS,
-    "etc/network/if-post-down.d/multi-eni-routing": PROGRAMS,
-    "etc/networkd-dispatcher/routable.d/50-multi-eni-routing": PROGRAMS,
 }
-# Files that name the tool or the hotplug trigger by path.
+# Files that name the tool by path.
 REFERRING = [
-    "usr/libexec/multi-eni-routing-hotplug",
     "etc/init.d/multi-eni-routing",
     "usr/lib/systemd/system/multi-eni-routing.service",
+]
+# What earlier versions installed and the watcher replaces.
+OBSOLETE = [
+    "usr/libexec/multi-eni-routing-hotplug",
     "usr/lib/systemd/system/multi-eni-routing-refresh.service",
+    "usr/lib/systemd/system/multi-eni-routing-refresh.timer",
     "usr/lib/udev/rules.d/90-multi-eni-routing.rules",
     "etc/NetworkManager/dispatcher.d/90-multi-eni-routing",
     "etc/network/if-up.d/multi-eni-routing",
@@ -108,36 +105,35 @@ def test_installs_the_shipped_options_file(installed):
 
 def test_default_prefix_paths_point_at_usr(installed):
     unit = (installed / "usr/lib/systemd/system/multi-eni-routing.service").read_text()
-    assert "ExecStart=/usr/bin/multi-eni-routing.py $MULTI_ENI_ROUTING_OPTS" in unit
-    assert "ExecStop=/usr/bin/multi-eni-routing.py --flush $MULTI_ENI_ROUTING_OPTS" in unit
-    rule = (installed / "usr/lib/udev/rules.d/90-multi-eni-routing.rules").read_text()
-    assert 'RUN+="/usr/libexec/multi-eni-routing-hotplug udev $name' in rule
+    assert ("ExecStart=/usr/bin/multi-eni-routing.py --watch --options-file /etc/default/multi-eni-routing"
+            in unit)
+    assert ("ExecStopPost=/usr/bin/multi-eni-routing.py --flush -q --options-file "
+            "/etc/default/multi-eni-routing" in unit)
+    initd = (installed / "etc/init.d/multi-eni-routing").read_text()
+    assert "OPTIONS=${MULTI_ENI_ROUTING_OPTIONS:-/etc/default/multi-eni-routing}" in initd
+
+
+def test_installs_the_man_page(installed):
+    page = installed / "usr/share/man/man8/multi-eni-routing.8"
+    assert page.read_text().startswith(".TH MULTI-ENI-ROUTING 8")
 
 
 def test_prefix_is_substituted_in_every_file_that_names_a_path(tmp_path):
     root = tmp_path / "root"
     result = run_install("--prefix", "/opt/mer", destdir=root)
     assert result.returncode == 0, result.stderr
-    moved = {path.replace("usr/bin/", "opt/mer/bin/").replace("usr/libexec/", "opt/mer/libexec/"): mode
+    moved = {path.replace("usr/bin/", "opt/mer/bin/").replace("usr/share/", "opt/mer/share/"): mode
              for path, mode in EXPECTED.items()}
     assert files_under(root) == moved
     for rel in REFERRING:
-        rel = rel.replace("usr/libexec/", "opt/mer/libexec/")
         text = (root / rel).read_text()
         assert "/usr/bin/multi-eni-routing.py" not in text, rel
-        assert "/usr/libexec/multi-eni-routing-hotplug" not in text, rel
-        assert "/opt/mer/" in text, rel
+        assert "/opt/mer/bin/multi-eni-routing.py" in text, rel
     initd = (root / "etc/init.d/multi-eni-routing").read_text()
     assert "TOOL=${MULTI_ENI_ROUTING:-/opt/mer/bin/multi-eni-routing.py}" in initd
-    hotplug = (root / "opt/mer/libexec/multi-eni-routing-hotplug").read_text()
-    assert "TOOL=${env_tool:-/opt/mer/bin/multi-eni-routing.py}" in hotplug
     unit = (root / "usr/lib/systemd/system/multi-eni-routing.service").read_text()
-    assert "ExecStart=/opt/mer/bin/multi-eni-routing.py $MULTI_ENI_ROUTING_OPTS" in unit
-    assert "ExecReload=/opt/mer/bin/multi-eni-routing.py $MULTI_ENI_ROUTING_OPTS" in unit
-    rule = (root / "usr/lib/udev/rules.d/90-multi-eni-routing.rules").read_text()
-    assert 'RUN+="/opt/mer/libexec/multi-eni-routing-hotplug udev' in rule
-    nm = (root / "etc/NetworkManager/dispatcher.d/90-multi-eni-routing").read_text()
-    assert "exec /opt/mer/libexec/multi-eni-routing-hotplug networkmanager" in nm
+    assert "ExecStart=/opt/mer/bin/multi-eni-routing.py --watch --options-file" in unit
+    assert "ExecStopPost=/opt/mer/bin/multi-eni-routing.py --flush" in unit
 
 
 def test_prefix_from_the_environment(tmp_path):
@@ -174,8 +170,8 @@ def test_second_install_changes_nothing(installed):
 def test_reinstall_repairs_a_changed_program_and_mode(installed):
     initd = installed / "etc/init.d/multi-eni-routing"
     initd.write_text("broken\n")
-    hook = installed / "etc/network/if-up.d/multi-eni-routing"
-    hook.chmod(0o644)
+    page = installed / "usr/share/man/man8/multi-eni-routing.8"
+    page.chmod(0o600)
     result = run_install(destdir=installed)
     assert result.returncode == 0, result.stderr
     assert files_under(installed) == EXPECTED
@@ -208,6 +204,26 @@ def test_options_file_goes_to_sysconfig_on_the_rhel_family(tmp_path):
     del expected["etc/default/multi-eni-routing"]
     expected["etc/sysconfig/multi-eni-routing"] = DATA
     assert files_under(root) == expected
+    # the unit and the init script read it there
+    unit = (root / "usr/lib/systemd/system/multi-eni-routing.service").read_text()
+    assert "--options-file /etc/sysconfig/multi-eni-routing" in unit
+    assert "/etc/default/" not in unit
+    initd = (root / "etc/init.d/multi-eni-routing").read_text()
+    assert "OPTIONS=${MULTI_ENI_ROUTING_OPTIONS:-/etc/sysconfig/multi-eni-routing}" in initd
+
+
+def test_install_removes_what_an_earlier_version_installed(tmp_path):
+    """The udev rule, the hooks, the hotplug trigger and the refresh timer: the
+    watcher does their work now."""
+    root = tmp_path / "root"
+    for rel in OBSOLETE:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("old\n")
+    result = run_install(destdir=root)
+    assert result.returncode == 0, result.stderr
+    assert files_under(root) == EXPECTED
+    for rel in OBSOLETE:
+        assert "removed /%s" % rel in result.stdout
 
 
 def test_uninstall_leaves_nothing_behind(installed):
@@ -241,28 +257,35 @@ def test_uninstall_with_the_same_prefix(tmp_path):
 
 
 def test_uninstall_keeps_what_others_put_in_shared_directories(installed):
-    other = installed / "etc/network/if-up.d/other-hook"
+    other = installed / "etc/init.d/other-service"
     other.write_text("#!/bin/sh\n")
     assert run_install("--uninstall", destdir=installed).returncode == 0
-    assert files_under(installed) == {"etc/network/if-up.d/other-hook": 0o644}
+    assert files_under(installed) == {"etc/init.d/other-service": 0o644}
 
 
 def test_help(tmp_path):
     result = run_install("--help")
     assert result.returncode == 0
-    for word in ("--prefix", "--destdir", "--now", "--uninstall", "DESTDIR"):
+    for word in ("--prefix", "--destdir", "--deps", "--now", "--uninstall", "DESTDIR"):
         assert word in result.stdout
 
 
 @pytest.mark.parametrize("args", [["--bogus"], ["--prefix"], ["--prefix", "relative/dir"],
                                   ["--prefix", "/has space"], ["--force"],
-                                  ["--uninstall", "--now"]])
+                                  ["--uninstall", "--now"], ["--uninstall", "--deps"]])
 def test_usage_errors_exit_2_and_install_nothing(tmp_path, args):
     root = tmp_path / "root"
     result = run_install(*args, destdir=root)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip()
     assert not root.exists() or list(root.iterdir()) == []
+
+
+def test_deps_is_ignored_with_destdir(tmp_path):
+    result = run_install("--deps", destdir=tmp_path / "root")
+    assert result.returncode == 0, result.stderr
+    assert "--deps is ignored with DESTDIR" in result.stderr
+    assert files_under(tmp_path / "root") == EXPECTED
 
 
 def test_missing_source_file_fails_clearly(tmp_path):

@@ -1,5 +1,5 @@
 """setup.cfg and pyproject.toml: `pip install .` gives a `multi-eni-routing`
-command running the tool's main(). The build test uses a throwaway venv and
+command running the tool's main(), which names itself so, and the man page. The build test uses a throwaway venv and
 fetches setuptools from the package index like any `pip install .`; it is
 skipped when the index cannot be reached."""
 
@@ -49,6 +49,11 @@ def test_entry_point_names_a_function_of_the_tool():
     assert isinstance(tool.VERSION, str) and tool.VERSION
 
 
+def test_man_page_is_a_data_file():
+    files = setup_cfg()["options.data_files"]
+    assert files["share/man/man8"].split() == ["docs/multi-eni-routing.8"]
+
+
 def test_pytest_settings_live_in_setup_cfg():
     assert setup_cfg()["tool:pytest"]["testpaths"].strip() == "tests"
 
@@ -56,7 +61,8 @@ def test_pytest_settings_live_in_setup_cfg():
 def test_pip_install_gives_the_command(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("setup.cfg", "pyproject.toml", "multi_eni_routing.py", "README.md"):
+    (src / "docs").mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "multi_eni_routing.py", "README.md", "docs/multi-eni-routing.8"):
         if (REPO / name).exists():
             shutil.copy(REPO / name, src / name)
     env_dir = tmp_path / "venv"
@@ -73,14 +79,20 @@ def test_pip_install_gives_the_command(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     command = env_dir / "bin" / "multi-eni-routing"
     assert command.exists()
+    page = env_dir / "share" / "man" / "man8" / "multi-eni-routing.8"
+    assert page.read_bytes() == (REPO / "docs" / "multi-eni-routing.8").read_bytes()
     with isolated() as prefix:
         version = subprocess.run([*prefix, str(command), "--version"], capture_output=True, text=True,
                                  timeout=60)
         assert version.returncode == 0, version.stderr
-        assert load_tool().VERSION in version.stdout + version.stderr
+        assert version.stdout.strip() == "multi-eni-routing %s" % load_tool().VERSION
         usage = subprocess.run([*prefix, str(command), "--bogus"], capture_output=True, text=True,
                                timeout=60)
         assert usage.returncode == 2
+        assert usage.stderr.splitlines() == ["multi-eni-routing: error: unrecognized arguments: --bogus "
+                                             "(see --help)"]
+        helped = subprocess.run([*prefix, str(command), "--help"], capture_output=True, text=True, timeout=60)
+        assert helped.stdout.startswith("usage: multi-eni-routing ")
 
 
 @contextlib.contextmanager
