@@ -220,7 +220,7 @@ def imds_tree(lab, macs):
     enis = {}
     for k, dev in enumerate(lab.interfaces):
         enis[macs[dev]] = {
-            "device-number": str(k), "network-card": "0", "interface-id": "eni-%017x" % (k + 1),
+            "device-number": str(k), "interface-id": "eni-%017x" % (k + 1),
             "mac": macs[dev], "local-hostname": "ip-198-18-%d-10.ec2.internal" % k,
             "local-ipv4s": "\n".join(lab.addresses(k)), "owner-id": "111122223333",
             "security-group-ids": "sg-0000000000000000a", "security-groups": "default",

@@ -395,7 +395,8 @@ class Imds:
             "instance-id": INSTANCE_ID,
             "local-ipv4": enis[0].addresses4[0] if enis else "",
             "mac": enis[0].mac if enis else "",
-            "network": {"interfaces": {"macs": {eni.mac: eni_metadata(eni) for eni in enis}}},
+            "network": {"interfaces": {"macs": {eni.mac: eni_metadata(eni, self.lab.multi_card)
+                                                for eni in enis}}},
         }
         for path, body in self.overrides.items():
             *parents, leaf = path.strip("/").split("/")
@@ -460,12 +461,13 @@ class Imds:
         return [json.loads(line) for line in self.log_path.read_text().splitlines()]
 
 
-def eni_metadata(eni):
-    """The IMDS directory network/interfaces/macs/<mac>/ of ENI."""
+def eni_metadata(eni, multi_card=False):
+    """The IMDS directory network/interfaces/macs/<mac>/ of ENI. `network-card`
+    only on multi-card instance types, as on AWS ("" is absent: not listed, 404)."""
     lines = "\n".join
     return {
         "device-number": str(eni.device_number),
-        "network-card": str(eni.network_card),
+        "network-card": str(eni.network_card) if multi_card else "",
         "interface-id": eni.interface_id,
         "mac": eni.mac,
         "local-ipv4s": lines(eni.addresses4),
@@ -513,6 +515,7 @@ class Lab:
         self.same_subnet, self.ipv6, self.names = same_subnet, ipv6, names
         self.enis = [plan_eni(i, n, same_subnet, ipv6, names, distinct=(subnets == "distinct"))
                      for i, n in enumerate(counts)]
+        self.multi_card = bool(cards)
         for i, (card, device) in enumerate(cards or []):
             self.enis[i].index, self.enis[i].network_card, self.enis[i].device_number = i, card, device
         self.rp_filter = rp_filter
