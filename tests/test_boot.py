@@ -61,6 +61,9 @@ def cannot_boot():
     return ""
 
 
+NSPAWN_STATE = "/run/systemd/nspawn"
+
+
 class Machine:
     """ROOT booted by systemd-nspawn in the network namespace NETNS."""
 
@@ -74,7 +77,9 @@ class Machine:
             ["systemd-nspawn", "-b", "-D", str(self.root), "--register=no", "--keep-unit",
              "--network-namespace-path=/run/netns/" + self.netns, "--private-network",
              "--console=pipe"], stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            start_new_session=True,
+            # no image lock: nspawn would leave its lock file in the host's /run for good
+            env=dict(os.environ, SYSTEMD_NSPAWN_LOCK="0"))
         deadline = time.monotonic() + timeout
         while self.pid1 is None:
             self.pid1 = self._find_pid1()
@@ -196,6 +201,8 @@ def booted():
         pytest.skip(reason)
     stack = contextlib.ExitStack()
     with stack:
+        if not os.path.exists(NSPAWN_STATE):  # nspawn makes it in the host's /run: ours to remove
+            stack.callback(shutil.rmtree, NSPAWN_STATE, ignore_errors=True)
         lab = stack.enter_context(Lab(enis=2, addresses=2, ipv6=False))
         root = stack.enter_context(fresh_root.extracted(SUITE, "systemd"))
         prepare(root, lab)
