@@ -146,7 +146,7 @@ def remove_tree(path):
     mounted = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
                if line.split()[1].startswith(str(path) + "/")]
     for point in sorted(mounted, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
+        subprocess.run(["umount", "-n", "-l", point], capture_output=True)
     subprocess.run(["rm", "-rf", "--one-file-system", str(path)], capture_output=True)
 
 
@@ -154,23 +154,24 @@ def remove_tree(path):
 CHROOT_SCRIPT = r"""
 set -e
 root=$1; shift
-mount --make-rprivate /
-mount --bind "$root" "$root"
-mount -t proc proc "$root/proc"
-mount -t sysfs sysfs "$root/sys"
+# -n everywhere: mount(8) would otherwise make /run/mount (its utab) in the host's /run
+mount -n --make-rprivate /
+mount -n --bind "$root" "$root"
+mount -n -t proc proc "$root/proc"
+mount -n -t sysfs sysfs "$root/sys"
 # the machine's cgroups, as a booted machine has them mounted (dockerd needs them)
-mount --rbind /sys/fs/cgroup "$root/sys/fs/cgroup"
-mount --rbind /dev "$root/dev"
-mount -t tmpfs -o mode=0755 tmpfs "$root/run"
+mount -n --rbind /sys/fs/cgroup "$root/sys/fs/cgroup"
+mount -n --rbind /dev "$root/dev"
+mount -n -t tmpfs -o mode=0755 tmpfs "$root/run"
 mkdir -p "$root/run/netns" "$root/run/lock"
-mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+mount -n -t tmpfs -o mode=1777 tmpfs "$root/tmp"
 # pivot_root, not only chroot: the root is then the root of this mount
 # namespace, as on a machine (paths in /proc read as they would there, also
 # from processes in other mount namespaces, such as `ip netns exec` makes)
 mkdir "$root/.old-root"
 cd "$root"
 pivot_root . .old-root
-exec chroot . /bin/sh -c 'umount -l /.old-root && rmdir /.old-root && cd / && exec /bin/sh -c "$1"' sh "$1"
+exec chroot . /bin/sh -c 'umount -n -l /.old-root && rmdir /.old-root && cd / && exec /bin/sh -c "$1"' sh "$1"
 """
 
 
