@@ -873,14 +873,20 @@ def numbers_of(candidates):
         if meta:
             number = (meta.network_card, meta.device_number)
         else:
-            number = (0, 0) if position == 0 and (0, 0) not in taken else \
-                next((0, device) for device in range(1, 1000) if (0, device) not in taken)
+            number = lowest_free_number(taken, primary=(position == 0))
             taken.add(number)
         numbers.append(number)
     if len(set(numbers)) < len(numbers):
         raise ToolError("two ENIs have the same network card and device number in IMDS: %s"
                         % ", ".join(link.name for link, _ in candidates))
     return numbers
+
+
+def lowest_free_number(taken, primary):
+    """Device 0 of card 0 is the primary's; others take the lowest free one on card 0."""
+    if primary and (0, 0) not in taken:
+        return (0, 0)
+    return next((0, device) for device in range(1, 1000) if (0, device) not in taken)
 
 
 def pair_key(number):
@@ -941,8 +947,10 @@ def eni_family(link, family, meta, system, add_from_imds, owned):
                                                  for a in listed if a not in configured) if why)
         listed = [a for a in listed if a not in dict(refused)]
     addresses, added = addresses_of(link.name, link.addresses[family], listed, add_from_imds, owned)
-    gateway = gateway4_of(link.name, own_subnets, system.main_routes) if family == 4 else \
-        gateway6_of(link.name, system.main_routes)
+    if family == 4:
+        gateway = gateway4_of(link.name, own_subnets, system.main_routes)
+    else:
+        gateway = gateway6_of(link.name, system.main_routes)
     if family == 6 and addresses and not gateway:
         log.warning("%s has IPv6 addresses but no router learned from RAs (accept_ra?): "
                     "its IPv6 replies beyond its subnet are not routed through it", link.name)
