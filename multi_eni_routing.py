@@ -245,7 +245,6 @@ Eni = collections.namedtuple("Eni", "name index mac slot network_card device_num
 # `prefixes`: delegated prefixes; `refused`: (address, why) that IMDS lists but
 # something else routes elsewhere, so the tool does not add them.
 EniFamily = collections.namedtuple("EniFamily", "addresses added subnets gateway prefixes refused")
-NO_FAMILY = EniFamily((), (), (), None, (), ())
 # What the tool owns, in a form both the plan and the running system produce:
 # rules, routes, mangle fragments by family, sysctls, added addresses, and the
 # links it put in ENI_GROUP.
@@ -869,7 +868,7 @@ def numbers_of(candidates):
     own, else the lowest free device on card 0 (device 0 for the primary)."""
     taken = {(meta.network_card, meta.device_number) for _, meta in candidates if meta}
     numbers = []
-    for position, (link, meta) in enumerate(candidates):
+    for position, (_, meta) in enumerate(candidates):
         if meta:
             number = (meta.network_card, meta.device_number)
         else:
@@ -1791,9 +1790,9 @@ class NetlinkWatch:
 
     def open(self):
         """Subscribe (again, on a new socket) and read the links and addresses."""
-        import socket  # here: one-off runs do without its import time
+        import socket
         self.close()
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        self.sock = netlink_socket()
         for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):  # the latter capped at rmem_max
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
@@ -1841,10 +1840,16 @@ class NetlinkWatch:
                         reasons.append(description)
 
 
+def netlink_socket():
+    """A route netlink socket, not bound yet."""
+    import socket  # here: one-off runs do without its import time
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+
+
 def dump(request):
     """The Events of a netlink dump (RTM_GETLINK, RTM_GETADDR), on a socket of its own."""
     import socket
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    sock = netlink_socket()
     try:
         sock.settimeout(5)  # the kernel answers at once; never hang on it
         sock.bind((0, 0))
@@ -2114,10 +2119,10 @@ EPILOG = (
     "alone (per address only where a subnet is shared), plus one rule that lets main's routes win "
     "unless they go out through an ENI. Everything the tool adds carries its marker: rules and "
     "routes protocol %d (tables %d-%d), link group %d, mangle chains %s and %s, and a state record "
-    "for the sysctls it changed and the addresses it added. Flush removes exactly that. Exit codes: 0 success; 1 failure (nothing changed, or "
-    "the run was rolled back), or with --status applied but stale; 2 bad usage; 3 with --status: "
-    "nothing applied; "
-    "4 not root; 5 a required program is missing.")
+    "for the sysctls it changed and the addresses it added. Flush removes exactly that. Exit codes: "
+    "0 success; 1 failure (nothing changed, or the run was rolled back), or with --status applied "
+    "but stale; 2 bad usage; 3 with --status: nothing applied; 4 not root; 5 a required program "
+    "is missing.")
 
 
 class OneLineParser(argparse.ArgumentParser):

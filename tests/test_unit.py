@@ -565,8 +565,15 @@ def test_an_address_main_routes_to_another_device_or_a_foreign_rule_names_is_not
 
 
 def test_same_subnet_enis_are_not_taken_for_routing_each_others_addresses_elsewhere():
-    enis = enis_of("same-subnet")
+    """Main has 203.0.113.0/24 through enX0 and enX1 alike: no more specific than
+    enX1's own subnet, so a secondary address IMDS lists for enX1 is added."""
+    imds = recorded.imds("same-subnet")
+    secondary = next(mac for mac in imds.enis if mac != imds.primary_mac)
+    listed = with_addresses(imds.enis[secondary], 4, ("203.0.113.20", "203.0.113.21"))
+    imds = imds._replace(enis=dict(imds.enis, **{secondary: listed}))
+    enis = mer.select_enis(recorded.system("same-subnet"), imds)
     assert all(v4(e).refused == () for e in enis)
+    assert v4(enis[1]).added == ("203.0.113.21",)
 
 
 def test_record_entries_of_a_gone_or_replaced_interface_are_dropped():
