@@ -22,6 +22,7 @@ import collections
 import errno
 import fcntl
 import gc
+import io
 import ipaddress
 import json
 import os
@@ -449,6 +450,12 @@ def parse_mangle(text):
     return Mangle(tuple(sorted(jumps)), tuple(sorted((name, tuple(specs)) for name, specs in chains.items())))
 
 
+def read_links(programs):
+    """The links alone (what IMDS is asked about, before the lock is taken)."""
+    argv = dict(READ_COMMANDS)["addr"]
+    return parse_links(load_json(run([programs[argv[0]]] + list(argv[1:])), "ip address"))
+
+
 def read_sysfs(root="/sys/class/net"):
     """Per interface: (is it backed by a device, its driver). Read-only."""
     info = {}
@@ -570,13 +577,17 @@ class ImdsClient:
         return other
 
     def request(self, method, path, headers):
-        """One HTTP exchange on the kept-alive connection: (status, body text)."""
+        """One HTTP exchange on the kept-alive connection: (status, body text).
+        Every send and receive ends by the deadline (see DeadlineSocket)."""
         if self.token:
             headers = dict(headers, **{"X-aws-ec2-metadata-token": self.token})
-        self.conn.timeout = max(0.05, min(IMDS_CONNECT_TIMEOUT, self.remaining()))
-        if self.conn.sock is not None:
-            self.conn.sock.settimeout(self.conn.timeout)
         try:
+            if self.conn.sock is None:
+                if self.remaining() <= 0:
+                    raise TimeoutError("timed out")
+                self.conn.timeout = max(0.05, min(IMDS_CONNECT_TIMEOUT, self.remaining()))
+                self.conn.connect()
+                self.conn.sock = DeadlineSocket(self.conn.sock, self)
             self.conn.request(method, path, headers=headers)
             response = self.conn.getresponse()
             body = response.read(IMDS_MAX_BODY + 1)
@@ -623,6 +634,68 @@ class ImdsClient:
         if status in (401, 403):
             raise ImdsError("%s: HTTP %s (token not accepted)" % (path, status))
         raise ImdsError("%s: HTTP %s%s" % (path, status, ", still after retries" if status in retried else ""))
+
+
+class DeadlineSocket:
+    """A connected socket whose every send and receive ends by the client's
+    deadline: http.client sets one timeout per receive, so an IMDS that drips
+    one byte at a time (or sends headers slowly, or a body without end) could
+    otherwise hold a run far past --imds-timeout."""
+
+    def __init__(self, sock, client):
+        self.sock, self.client = sock, client
+        self.readers, self.closing = 0, False
+
+    def time_left(self):
+        """Set the socket's timeout to what is left (at most one receive's worth)."""
+        left = self.client.remaining()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self.sock.settimeout(min(IMDS_CONNECT_TIMEOUT, left))
+
+    def sendall(self, data):
+        self.time_left()
+        self.sock.sendall(data)
+
+    def recv_into(self, buffer, size=0):
+        self.time_left()
+        return self.sock.recv_into(buffer, size)
+
+    def makefile(self, mode):
+        """What http.client reads a response from: buffered, through recv_into."""
+        self.readers += 1
+        return io.BufferedReader(SocketReader(self))
+
+    def close(self):
+        """Close, once no response reads from it any more (http.client closes
+        the connection of a response that ends with it before reading it)."""
+        self.closing = True
+        if not self.readers:
+            self.sock.close()
+
+    def reader_closed(self):
+        self.readers -= 1
+        if self.closing and not self.readers:
+            self.sock.close()
+
+
+class SocketReader(io.RawIOBase):
+    """The raw stream under DeadlineSocket.makefile()."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self.sock = sock
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self.sock.recv_into(buffer)
+
+    def close(self):
+        if not self.closed:
+            self.sock.reader_closed()
+        super().close()
 
 
 def describe_socket_error(exc):
@@ -2310,13 +2383,12 @@ def setup_logging(verbose, quiet):
     log.level = {-1: Log.ERROR, 0: Log.WARNING, 1: Log.INFO}.get(max(-1, min(verbose - quiet, 2)), Log.DEBUG)
 
 
-def discover_imds(args, system):
-    """IMDS's view, or None (and why) when it is not asked or does not answer."""
-    if args.no_imds:
-        return None
+def discover_imds(args, links, sysfs):
+    """IMDS's view, or None (and why) when it does not answer. `links` and
+    `sysfs` say which NICs IMDS should list."""
     named = set(args.interface)
-    expected = {link.mac for link in system.links if link.name in named
-                or (not named and looks_like_eni(link, system.sysfs) and link.name not in args.exclude)}
+    expected = {link.mac for link in links if link.name in named
+                or (not named and looks_like_eni(link, sysfs) and link.name not in args.exclude)}
     try:
         return fetch_imds(ImdsClient(args.imds_timeout), expected)
     except ImdsError as exc:
@@ -2380,6 +2452,11 @@ def execute(args, started, fail_after=0, report=None):
                         % os.uname().release)
     programs = find_programs(["ip", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"])
     read_only = args.dry_run or args.status
+    # IMDS first, outside the lock: the lock is never held longer than one
+    # apply, whatever IMDS does, and a flush never waits on IMDS.
+    imds = None
+    if not (args.flush or args.no_imds):
+        imds = discover_imds(args, read_links(programs), read_sysfs())
     lock = None if read_only else take_lock(args.state_dir)
     try:
         this_run = Run(programs, state_path(args.state_dir, netns_id()), fail_after)
@@ -2387,7 +2464,7 @@ def execute(args, started, fail_after=0, report=None):
         record = this_run.read_record(system)
         owned = owned_state(system, record)
         check_interfaces(args, system)
-        enis, desired = desired_state(args, system, owned, record)
+        enis, desired = desired_state(args, system, owned, record, imds)
         if args.status:
             return show_status(args, enis, owned, this_run.changes(desired, owned, record))
         if args.dry_run:
@@ -2406,11 +2483,11 @@ def execute(args, started, fail_after=0, report=None):
             lock.close()
 
 
-def desired_state(args, system, owned, record):
-    """(ENIs, owned state to converge to): empty for a flush."""
+def desired_state(args, system, owned, record, imds):
+    """(ENIs, owned state to converge to): empty for a flush. `imds`: IMDS's
+    answer, or None when there is none."""
     if args.flush:
         return [], NOTHING
-    imds = discover_imds(args, system)
     enis = select_enis(system, imds, args.interface, args.exclude,
                        add_from_imds=not args.no_imds_addresses, owned_addresses=owned.addresses,
                        remembered=record.get("slots", {}),

@@ -13,7 +13,10 @@ change the metadata tree or the misbehaviour while the server runs:
         "tokens": "required" | "optional" | "v1-only" | "refused",
         "delay": 0.0,                 # seconds before each answer
         "throttle_first": 0,          # 429 for the first N requests
-        "mac_404_first": {"02:..": N} # a MAC's paths 404 for its first N requests
+        "mac_404_first": {"02:..": N}, # a MAC's paths 404 for its first N requests
+        "drip": 0.0,                  # every answer sent one byte at a time, this many s apart
+        "slow_headers": 0.0,          # seconds before each header line
+        "endless_body": false         # a 200 whose body never ends (to GETs)
       }
     }
 
@@ -153,11 +156,45 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "client": self.client_address[0], "port": self.client_address[1],
             "connections": emulator.connections,
         })
+        _, behaviour = emulator.load()
+        if any(behaviour.get(key) for key in ("drip", "slow_headers", "endless_body")):
+            return self.answer_badly(status, body, behaviour)
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def answer_badly(self, status, body, behaviour):
+        """The answer as a misbehaving IMDS sends it: a byte at a time, headers
+        slowly, or a body without end (until the client goes, or 60 s)."""
+        drip, slow = float(behaviour.get("drip", 0)), float(behaviour.get("slow_headers", 0))
+        endless = behaviour.get("endless_body") and self.command == "GET"
+        lines = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
+                 "Server: EC2ws", "Content-Type: text/plain"]
+        lines.append("Connection: close" if endless else "Content-Length: %d" % len(body))
+        stop = time.monotonic() + 60
+        try:
+            for line in lines + [""]:
+                time.sleep(slow)
+                self.send_slowly((line + "\r\n").encode(), drip)
+            self.send_slowly(body, drip)
+            while endless and time.monotonic() < stop:  # 1.3 KB/s: 64 KiB take 50 s
+                self.send_slowly(b"x" * 64, drip)
+                time.sleep(0.05)
+        except OSError:
+            pass  # the client gave up
+        self.close_connection = True
+
+    def send_slowly(self, data, drip):
+        if not drip:
+            self.wfile.write(data)
+            self.wfile.flush()
+            return
+        for index in range(len(data)):
+            self.wfile.write(data[index:index + 1])
+            self.wfile.flush()
+            time.sleep(drip)
 
     def misbehaviour(self, behaviour):
         """The status code forced by the behaviour section, or None."""

@@ -89,6 +89,16 @@ def test_a_slow_imds_hits_the_time_bound(imds):
     assert elapsed < 2.5
 
 
+@pytest.mark.parametrize("behaviour", [dict(drip=0.02), dict(slow_headers=0.5), dict(endless_body=True)],
+                         ids=["drip", "slow-headers", "endless-body"])
+def test_a_misbehaving_imds_cannot_stretch_the_deadline(imds, behaviour):
+    """Every byte comes before the per-receive timeout, so only one deadline
+    over the whole discovery (body bytes included) bounds it."""
+    error, elapsed = fetch(imds(**behaviour)(timeout=1.0))
+    assert isinstance(error, mer.ImdsError) and "timed out" in str(error), error
+    assert elapsed < 1.3
+
+
 def junk_listing():
     meta = tree()
     meta["network"]["interfaces"]["macs"][SECONDARY] = "<html>junk</html>"
@@ -138,7 +148,7 @@ def test_unusable_imds_falls_back_with_a_warning(monkeypatch, capsys):
     monkeypatch.setattr(mer, "IMDS_ENDPOINTS", ("127.0.0.1",))
     monkeypatch.setattr(mer, "IMDS_PORT", 9)  # discard: refused at once
     system = recorded.system("xen-eth0-eth1")
-    assert mer.discover_imds(mer.parse_args(["--imds-timeout", "0.5"]), system) is None
+    assert mer.discover_imds(mer.parse_args(["--imds-timeout", "0.5"]), system.links, system.sysfs) is None
     assert "warning: instance metadata not usable" in capsys.readouterr().err
 
 
