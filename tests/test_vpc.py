@@ -398,6 +398,33 @@ def test_an_ipv6_only_eni_is_routed_without_waiting_for_its_ipv4(make_lab):
     assert not [r for r in lab.imds.requests() if r["status"] == 404]
 
 
+def test_a_dripping_imds_holds_an_apply_for_its_timeout_and_a_flush_not_at_all(make_lab):
+    """IMDS sends every answer a byte at a time (each byte well within the
+    per-receive timeout): the apply gives up on it by --imds-timeout, and a
+    flush started meanwhile neither waits for IMDS nor for the lock."""
+    lab = make_lab(enis=2)
+    applied(lab)
+    lab.imds.misbehave(drip=0.05)  # ~6 s per answer
+    started = time.monotonic()
+    slow = lab.popen_tool("--imds-timeout", "2")
+    wait_until_imds_asked(lab)
+    flush = lab.run_tool("-f", "--no-imds", timeout=20)
+    flushed_after = time.monotonic() - started
+    result = slow.communicate_result(timeout=60)
+    elapsed = time.monotonic() - started
+    assert flush.rc == 0, flush.stderr
+    assert flushed_after < 1.5, "the flush waited %.1f s" % flushed_after
+    assert result.rc == 0 and "instance metadata not usable" in result.stderr, result
+    assert elapsed < 3.0, "the apply took %.1f s with --imds-timeout 2" % elapsed
+
+
+def wait_until_imds_asked(lab, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not lab.imds.requests():
+        assert time.monotonic() < deadline, "the tool never asked IMDS"
+        time.sleep(0.02)
+
+
 def break_imds(lab, how):
     eth1 = lab.enis[1]
     local_ipv4s = "network/interfaces/macs/%s/local-ipv4s" % eth1.mac
