@@ -2198,75 +2198,81 @@ EPILOG = (
     "is missing.")
 
 
+class UsageError(ToolError):
+    """Bad usage: one line naming the program, exit 2."""
+
+    def __init__(self, message, prog=PROG):
+        super().__init__(message, EXIT_USAGE)
+        self.prog = prog
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line (and exit 2), like every other error of the tool."""
+    """argparse with its errors raised as UsageError (the edge prints them)."""
 
     def error(self, message):
-        if self.raise_errors:
-            raise ValueError(message)
-        sys.stderr.write("%s: error: %s (see --help)\n" % (self.prog, message))
-        sys.exit(EXIT_USAGE)
+        raise UsageError("%s (see --help)" % message, self.prog)
 
-    raise_errors = False
+
+# The options, as parse_args returns them: a record nothing changes afterwards
+# (validate() and check_interfaces() return a new one). Lists are tuples.
+Options = collections.namedtuple("Options", (
+    "flush status watch dry_run json interface exclude no_imds no_imds_addresses imds_timeout "
+    "mark_mask refresh daemon pidfile state_dir verbose quiet options_file"))
+
+
+def options_of(namespace):
+    """The Options record of an argparse namespace."""
+    return Options(**{name: tuple(value) if isinstance(value, list) else value
+                      for name, value in vars(namespace).items()})
 
 
 def parse_args(argv):
-    """The options: the command line's, after those of --options-file FILE.
-    A flush never fails on a bad options file (see flush_args), so that
-    stopping always removes the routing."""
+    """The options, validated: the command line's, after those of --options-file
+    FILE. A flush uses what it can of a bad options file (see flush_options),
+    so that stopping always removes the routing. Raises UsageError."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.options_file and args.flush:
-        args = flush_args(parser, args, argv)
-    elif args.options_file:
-        args = parser.parse_args(read_options_file(args.options_file) + argv)
-    if args.json and not args.status:
-        parser.error("--json goes with --status")
-    check_watch_args(parser, args)
-    return args
-
-
-def flush_args(parser, args, argv):
-    """A flush with a bad options file still uses what it can of it (--state-dir
-    says where the sysctls to give back are recorded), else only the command line."""
-    parser.raise_errors, problem = True, None
+    given = parser.parse_args(argv)
+    if not given.options_file:
+        return validate(options_of(given))
     try:
-        words = read_options_file(args.options_file, for_flush=True)
-        try:
-            return parser.parse_args(words + argv)
-        except ValueError as exc:
-            problem = exc
-        return parser.parse_known_args(words + argv)[0]
-    except ValueError as exc:
-        problem = exc
-        return args
-    finally:
-        parser.raise_errors = False
-        if problem and not args.quiet:  # -q: the unit's stop; the start said it already
-            log.warning("flushing despite the options file %s: %s", args.options_file, problem)
+        return validate(options_of(parser.parse_args(read_options_file(given.options_file) + argv)))
+    except UsageError as problem:
+        if not given.flush:
+            raise
+        if not given.quiet:  # -q: the unit's stop; the start said it already
+            log.warning("flushing despite the options file %s: %s", given.options_file,
+                        str(problem).replace(" (see --help)", ""))
+        return flush_options(parser, given, argv)
 
 
-def read_options_file(path, for_flush=False):
+def flush_options(parser, given, argv):
+    """A flush with a bad options file: the file's words the parser knows (its
+    --state-dir says where the sysctls to give back are recorded), else the
+    command line's alone. The same parser: errors are UsageError as ever."""
+    try:
+        return validate(options_of(parser.parse_known_args(read_options_file(given.options_file) + argv)[0]))
+    except UsageError:
+        return validate(options_of(given))
+
+
+def read_options_file(path):
     """The words of an options file: the tool's arguments, split like a shell
     would (quotes, # comments) but with no expansion of any kind. The old
     format, MULTI_ENI_ROUTING_OPTS="...", is read too; other assignments of
-    the old format (hotplug settings) are ignored."""
+    the old format (hotplug settings) are ignored. Raises UsageError."""
     try:
         with open(path) as options:
             words = shlex.split(options.read(), comments=True)
-    except (OSError, ValueError) as exc:
-        if for_flush:
-            raise ValueError(exc)
-        sys.stderr.write("%s: error: options file %s: %s\n" % (PROG, path, exc))
-        sys.exit(EXIT_USAGE)
-    found = []
-    for word in words:
-        name, assigned, value = word.partition("=")
-        if assigned and name == "MULTI_ENI_ROUTING_OPTS":
-            found += shlex.split(value)
-        elif not (assigned and name.startswith("MULTI_ENI_ROUTING_")):
-            found.append(word)
+        found = []
+        for word in words:
+            name, assigned, value = word.partition("=")
+            if assigned and name == "MULTI_ENI_ROUTING_OPTS":
+                found += shlex.split(value)
+            elif not (assigned and name.startswith("MULTI_ENI_ROUTING_")):
+                found.append(word)
+    except (OSError, ValueError) as exc:  # ValueError: an unclosed quote, a NUL byte, not UTF-8
+        raise UsageError("options file %s: %s" % (path, getattr(exc, "strerror", None) or exc))
     return found
 
 
@@ -2331,20 +2337,23 @@ def build_parser():
     return parser
 
 
-def check_watch_args(parser, args):
-    """--refresh, --daemon and --pidfile go with --watch, which changes the system."""
-    for option, given in (("--refresh", args.refresh is not None), ("--daemon", args.daemon),
-                          ("--pidfile", args.pidfile)):
-        if given and not args.watch:
-            parser.error("%s goes with --watch" % option)
-    if args.watch and args.dry_run:
-        parser.error("--watch changes the system: it does not go with --dry-run")
-    if args.daemon and not args.pidfile:
-        parser.error("--daemon needs --pidfile FILE")
-    if args.pidfile:
-        args.pidfile = os.path.abspath(args.pidfile)  # the daemon changes to /
-    if args.refresh is None:
-        args.refresh = REFRESH_DEFAULT
+def validate(options):
+    """The options with their defaults filled in, checked together; raises
+    UsageError. --refresh, --daemon and --pidfile go with --watch, which
+    changes the system."""
+    for option, given in (("--refresh", options.refresh is not None), ("--daemon", options.daemon),
+                          ("--pidfile", options.pidfile)):
+        if given and not options.watch:
+            raise UsageError("%s goes with --watch" % option)
+    if options.json and not options.status:
+        raise UsageError("--json goes with --status")
+    if options.watch and options.dry_run:
+        raise UsageError("--watch changes the system: it does not go with --dry-run")
+    if options.daemon and not options.pidfile:
+        raise UsageError("--daemon needs --pidfile FILE")
+    return options._replace(
+        pidfile=os.path.abspath(options.pidfile) if options.pidfile else None,  # the daemon changes to /
+        refresh=REFRESH_DEFAULT if options.refresh is None else options.refresh)
 
 
 def refresh_arg(text):
@@ -2375,6 +2384,10 @@ def mark_mask_arg(text):
     run_of_bits = value >> ((value & -value).bit_length() - 1) if value > 0 else 0
     if not 0 < value <= 0xFFFFFFFF or run_of_bits & (run_of_bits + 1):
         raise argparse.ArgumentTypeError("%r is not one run of set bits" % text)
+    if value == 0xFFFFFFFF:  # iptables-save then prints the masks as defaults: never verified
+        raise argparse.ArgumentTypeError("%r: the tool needs fewer than all 32 bits" % text)
+    if mark_capacity(value) < 2:  # an ENI alone needs no mark: two at least
+        raise argparse.ArgumentTypeError("%r numbers %d ENI: give two bits or more" % (text, mark_capacity(value)))
     return value
 
 
@@ -2396,20 +2409,21 @@ def discover_imds(args, links, sysfs):
         return None
 
 
-def check_interfaces(args, system):
-    """-i naming a missing interface is a usage error for apply; flush and status
-    must still work after that ENI was detached, so they only drop the name."""
-    unsafe = [name for name in args.interface if not SAFE_NAME.match(name)]
-    if unsafe and not (args.flush or args.status):
-        raise ToolError("cannot route %s: an interface name must be 1-15 of [A-Za-z0-9_.-]"
-                        % ", ".join(repr(name) for name in unsafe), EXIT_USAGE)
+def check_interfaces(options, system):
+    """The options with -i checked against the system: naming a missing
+    interface is a usage error for apply; flush and status must still work
+    after that ENI was detached, so they get options without the name."""
+    unsafe = [name for name in options.interface if not SAFE_NAME.match(name)]
+    if unsafe and not (options.flush or options.status):
+        raise UsageError("cannot route %s: an interface name must be 1-15 of [A-Za-z0-9_.-]"
+                         % ", ".join(repr(name) for name in unsafe))
     names = {link.name for link in system.links if SAFE_NAME.match(link.name)}
-    missing = [name for name in args.interface if name not in names]
-    if missing and not (args.flush or args.status):
-        raise ToolError("no such interface: %s" % ", ".join(missing), EXIT_USAGE)
+    missing = [name for name in options.interface if name not in names]
+    if missing and not (options.flush or options.status):
+        raise UsageError("no such interface: %s" % ", ".join(missing))
     if missing:
         log.warning("no such interface: %s (ignored)", ", ".join(missing))
-        args.interface = [name for name in args.interface if name in names]
+    return options._replace(interface=tuple(name for name in options.interface if name in names))
 
 
 def main(argv=None, fail_after=0):
@@ -2417,14 +2431,16 @@ def main(argv=None, fail_after=0):
     `fail_after` N > 0 (a test hook) fails an apply after its Nth step."""
     try:
         args = parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    setup_logging(args.verbose, args.quiet)
-    started = time.monotonic()
-    try:
+        setup_logging(args.verbose, args.quiet)
+        started = time.monotonic()
         if args.watch:
             return watch(args, fail_after)
         return execute(args, started, fail_after)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except UsageError as exc:
+        sys.stderr.write("%s: error: %s\n" % (exc.prog, exc))
+        return EXIT_USAGE
     except ToolError as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, exc))
         return exc.exit_code
@@ -2463,7 +2479,7 @@ def execute(args, started, fail_after=0, report=None):
         system = this_run.read()
         record = this_run.read_record(system)
         owned = owned_state(system, record)
-        check_interfaces(args, system)
+        args = check_interfaces(args, system)
         enis, desired = desired_state(args, system, owned, record, imds)
         if args.status:
             return show_status(args, enis, owned, this_run.changes(desired, owned, record))

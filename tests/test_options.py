@@ -26,7 +26,7 @@ def test_words_quotes_and_comments(tmp_path):
     path = options(tmp_path, "# a comment\n-x docker0   # trailing comment\n-x 'two words' -v\n\n")
     assert mer.read_options_file(path) == ["-x", "docker0", "-x", "two words", "-v"]
     args = mer.parse_args(["--options-file", path])
-    assert args.exclude == ["docker0", "two words"] and args.verbose == 1
+    assert args.exclude == ("docker0", "two words") and args.verbose == 1
 
 
 def test_no_globbing_and_no_variables(tmp_path, monkeypatch):
@@ -34,13 +34,13 @@ def test_no_globbing_and_no_variables(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "vethfoo").write_text("")
     path = options(tmp_path, '-x veth* -x "$HOME" -x `id`\n')
-    assert mer.parse_args(["--options-file", path]).exclude == ["veth*", "$HOME", "`id`"]
+    assert mer.parse_args(["--options-file", path]).exclude == ("veth*", "$HOME", "`id`")
 
 
 def test_command_line_comes_after_the_file(tmp_path):
     path = options(tmp_path, "-x a --state-dir /from/file -v\n")
     args = mer.parse_args(["--options-file", path, "-x", "b", "--state-dir", "/from/command/line", "-v"])
-    assert args.exclude == ["a", "b"]
+    assert args.exclude == ("a", "b")
     assert args.state_dir == "/from/command/line"
     assert args.verbose == 2
 
@@ -50,7 +50,7 @@ def test_the_old_format_is_read(tmp_path):
     path = options(tmp_path, 'MULTI_ENI_ROUTING_OPTS="-x docker0 --no-imds-addresses"\n'
                              'MULTI_ENI_ROUTING_HOTPLUG="yes"\nMULTI_ENI_ROUTING_DEBOUNCE="2"\n')
     args = mer.parse_args(["--options-file", path])
-    assert args.exclude == ["docker0"] and args.no_imds_addresses
+    assert args.exclude == ("docker0",) and args.no_imds_addresses
 
 
 def run_tool(*args, timeout=60):
@@ -73,6 +73,8 @@ def run_tool(*args, timeout=60):
     ("--bogus\n", [], "unrecognized arguments: --bogus"),
     ("--mark-mask 0x101\n", [], "is not one run of set bits"),
     ("-x 'unbalanced\n", [], "No closing quotation"),
+    ("MULTI_ENI_ROUTING_OPTS=\"-x 'unbalanced\"\n", [], "No closing quotation"),
+    ("--mark-mask 0xffffffff\n", [], "fewer than all 32 bits"),
     (None, [], "No such file or directory"),
     ("", ["--json"], "--json goes with --status"),
     ("", ["--daemon"], "--daemon goes with --watch"),

@@ -247,8 +247,16 @@ def test_a_custom_mark_mask_is_used_and_one_too_small_is_refused():
 
 def test_mark_mask_option_wants_one_run_of_bits():
     assert mer.parse_args(["--mark-mask", "0xf00"]).mark_mask == 0xF00
-    with pytest.raises(SystemExit):
+    with pytest.raises(mer.UsageError, match="one run of set bits"):
         mer.parse_args(["--mark-mask", "0x101"])
+
+
+@pytest.mark.parametrize("mask, why", [("0xffffffff", "fewer than all 32 bits"), ("0x100", "two bits or more")])
+def test_a_mark_mask_that_cannot_work_is_refused_at_parse_time(mask, why):
+    """0xffffffff was accepted, then every apply failed its verification
+    (iptables-save prints full masks as its defaults) and rolled back."""
+    with pytest.raises(mer.UsageError, match=why):
+        mer.parse_args(["--mark-mask", mask])
 
 
 def test_rp_filter_loose_on_every_routed_eni():
@@ -357,8 +365,8 @@ def test_interface_gone_is_a_usage_error_for_apply_but_not_for_flush_or_status(m
     assert error.value.exit_code == mer.EXIT_USAGE and "eth9" in str(error.value)
     for action in (["-f"], ["--status"]):
         args = mer.parse_args(action + ["-i", "eth0", "-i", "eth9"])
-        mer.check_interfaces(args, system)
-        assert args.interface == ["eth0"]
+        assert mer.check_interfaces(args, system).interface == ("eth0",)
+        assert args.interface == ("eth0", "eth9")  # the options record itself is never changed
 
 
 def test_enis_never_share_a_number_or_a_table():
