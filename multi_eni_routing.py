@@ -19,6 +19,7 @@ removes exactly that and nothing else.
 
 import argparse
 import collections
+import contextlib
 import errno
 import fcntl
 import gc
@@ -86,7 +87,8 @@ IMDS_ENDPOINTS = ("169.254.169.254", "fd00:ec2::254")
 IMDS_PORT = 80
 IMDS_CONNECT_TIMEOUT = 0.8  # per endpoint: two silent ones are given up on within 2 s
 IMDS_MAX_BODY = 64 * 1024  # a meta-data answer is a few hundred bytes
-IMDS_TOKEN_TTL = "60"
+IMDS_TOKEN_TTL = 600  # seconds; the watcher uses a token again for up to IMDS_TOKEN_REUSE
+IMDS_TOKEN_REUSE = 540  # ... so that it asks for one every 9 minutes, not with every poll
 
 STATE_DIR = "/run/multi-eni-routing"  # tmpfs: gone at reboot, like what it records
 LOCK_TIMEOUT = 60.0
@@ -524,12 +526,13 @@ class ImdsClient:
 
     RETRIED = (429, 500, 502, 503, 504)  # throttled or briefly unavailable
 
-    def __init__(self, timeout, endpoints=None, port=None):
+    def __init__(self, timeout, endpoints=None, port=None, session=None):
         import http.client  # here: 15 ms of imports that runs without IMDS do not need
         self.http = http.client
         self.deadline = time.monotonic() + timeout
         self.endpoints = endpoints or IMDS_ENDPOINTS
         self.port = port or IMDS_PORT
+        self.session = session or ImdsSession()
         self.host = None
         self.conn = None
         self.token = None
@@ -542,7 +545,13 @@ class ImdsClient:
             self.conn.close()
 
     def connect(self):
-        """Find an endpoint that answers and get a token; raise ImdsError if none."""
+        """Find an endpoint that answers and get a token (or use the session's
+        again while it is young); raise ImdsError if none."""
+        known = self.session.reusable()
+        if known:
+            self.host, self.token = known
+            self.conn = self.http.HTTPConnection(self.host, self.port)
+            return self.host
         problems = []
         for host in self.endpoints:
             if self.remaining() <= 0:
@@ -551,7 +560,7 @@ class ImdsClient:
                 host, self.port, timeout=min(IMDS_CONNECT_TIMEOUT, self.remaining()))
             try:
                 status, body = self.request_retried(
-                    "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": IMDS_TOKEN_TTL})
+                    "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": str(IMDS_TOKEN_TTL)})
             except (OSError, self.http.HTTPException) as exc:
                 problems.append("%s: %s" % (host, describe_socket_error(exc)))
                 self.conn.close()
@@ -560,9 +569,11 @@ class ImdsClient:
             if status == 200 and body.strip():
                 self.token = body.strip()
                 log.info("instance metadata: IMDSv2 at %s", host)
+                self.session.remember(host, self.token)
                 return host
             if status in (404, 405):  # IMDSv1 only: GETs without a token
                 log.info("instance metadata: IMDSv1 at %s (no token service)", host)
+                self.session.remember(host, None)
                 return host
             problems.append("%s: token refused (HTTP %s)" % (host, status))
             self.conn.close()
@@ -581,6 +592,7 @@ class ImdsClient:
         Every send and receive ends by the deadline (see DeadlineSocket)."""
         if self.token:
             headers = dict(headers, **{"X-aws-ec2-metadata-token": self.token})
+        self.session.count("requests")
         try:
             if self.conn.sock is None:
                 if self.remaining() <= 0:
@@ -632,8 +644,36 @@ class ImdsClient:
         if status == 404 and missing_ok:
             return None
         if status in (401, 403):
+            self.session.forget()  # a token IMDS no longer takes: the next run asks for another
             raise ImdsError("%s: HTTP %s (token not accepted)" % (path, status))
         raise ImdsError("%s: HTTP %s%s" % (path, status, ", still after retries" if status in retried else ""))
+
+
+class ImdsSession:
+    """What IMDS clients of one process share: the endpoint and token that
+    worked (the watcher uses them again for a while instead of a PUT per poll)
+    and the counts of requests and failures (its metrics)."""
+
+    def __init__(self):
+        self.host = self.token = None
+        self.until = 0.0
+        self.counts = collections.Counter()
+        self.lock = threading.Lock()  # the clients of one discovery run in threads
+
+    def remember(self, host, token):
+        self.host, self.token = host, token
+        self.until = time.monotonic() + IMDS_TOKEN_REUSE
+
+    def forget(self):
+        self.until = 0.0
+
+    def reusable(self):
+        """(host, token) while young enough to use again, else None."""
+        return (self.host, self.token) if time.monotonic() < self.until else None
+
+    def count(self, what):
+        with self.lock:
+            self.counts[what] += 1
 
 
 class DeadlineSocket:
@@ -722,13 +762,39 @@ def fetch_imds(client, expected_macs=()):
     return Imds(primary, enis)
 
 
+def imds_unchanged(client, imds):
+    """Whether IMDS still lists the ENIs of `imds` and, per ENI, its addresses
+    of one family (IPv4, else IPv6): one request per ENI plus one, the watcher's
+    poll. Raises ImdsError."""
+    client.connect()
+    try:
+        if set(mac_listing(client)) != set(imds.enis):
+            return False
+        for mac, eni in sorted(imds.enis.items()):
+            family = next((f for f in FAMILIES if eni.families[f].addresses), None)
+            if family is None:  # nothing to poll (an EFA-only ENI): its MAC in the listing is all
+                continue
+            key = FAMILY_KEYS[family][0]
+            listed = client.get("network/interfaces/macs/%s/%s" % (mac, key))
+            if parse_addresses(listed, family, key) != eni.families[family].addresses:
+                return False
+        return True
+    finally:
+        client.close()
+
+
+def mac_listing(client):
+    """The MACs IMDS lists, in its order."""
+    listing = client.get("network/interfaces/macs/", missing_ok=False)
+    return [parse_mac(line.strip().rstrip("/")) for line in listing.split() if line.strip()]
+
+
 def listed_macs(client, expected_macs):
     """The MACs IMDS lists, asked again while a NIC of this instance is missing
     from them (an ENI attached a moment ago), as long as time is left."""
     delay = 0.1
     while True:
-        listing = client.get("network/interfaces/macs/", missing_ok=False)
-        macs = [parse_mac(line.strip().rstrip("/")) for line in listing.split() if line.strip()]
+        macs = mac_listing(client)
         missing = set(expected_macs) - set(macs)
         if not missing or client.remaining() < delay:
             if missing:
@@ -1673,6 +1739,8 @@ def print_status(report):
             print("    %s (delegated prefix)" % prefix)
         for refused in eni["not_added"]:
             print("    %s (listed by IMDS, not added: %s)" % (refused["address"], refused["why"]))
+    for note in report.get("not_routed", ()):
+        print("not routed: " + describe_not_routed(NotRouted(**note)))
     for line in report["pending"]:
         print("  pending: " + line)
 
@@ -1714,7 +1782,8 @@ IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 IFADDR = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
 RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst len, src len, tos, table, protocol, scope, type, flags
 RTATTR = struct.Struct("=HH")  # length, type
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER = 1, 3, 10
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 10, 18
+IFLA_INFO_KIND = 1  # in IFLA_LINKINFO: "veth", "bridge", "vlan", "tun", ...; none on a NIC's driver
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_TABLE = 15
 RT_TABLE_COMPAT = 252  # in rtm_table when the number is over 255: the real one is in RTA_TABLE
@@ -1728,6 +1797,12 @@ WATCH_QUIET = 0.25  # a burst of events has ended when none came for this long
 WATCH_MAX_DELAY = 1.0  # ... or at the latest this long after its first event
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0  # retry of a failed converge: 1, 2, 4 .. 60 s
 REFRESH_DEFAULT = 60.0
+# IMDS polled every 9.5 s (an address assigned in EC2 is routed within 10 s),
+# one request per ENI plus one: at 15 ENIs 1.7 requests/s, plus a full read (5
+# per ENI plus 3) every IMDS_REDISCOVER: 0.13/s; under 2/s in all, where IMDS
+# allows 1,024 packets/s per ENI for itself, DNS and NTP together.
+IMDS_POLL_DEFAULT = 9.5
+IMDS_REDISCOVER = 600.0
 # The first apply's failures that no retry can mend: the watcher exits with them
 # (a daemon's parent too, and no child stays).
 FATAL_EXIT_CODES = (EXIT_USAGE, EXIT_NOT_ROOT, EXIT_MISSING_PROGRAM)
@@ -1785,8 +1860,25 @@ def link_event(kind, payload):
     attributes = netlink_attributes(payload, IFINFO.size)
     name = attributes.get(IFLA_IFNAME, b"").rstrip(b"\0").decode("utf-8", "replace")
     master = attributes.get(IFLA_MASTER)
+    info = netlink_attributes(attributes.get(IFLA_LINKINFO, b""), 0)
+    link_kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode("utf-8", "replace") or None
     return Event("link", index, (name, attributes.get(IFLA_ADDRESS), master,
-                                 flags & (IFF_UP | IFF_RUNNING | IFF_LOWER_UP)))
+                                 flags & (IFF_UP | IFF_RUNNING | IFF_LOWER_UP), link_kind))
+
+
+def test_nics():
+    """The test hook MULTI_ENI_ROUTING_TEST_NICS: name patterns of links the
+    watcher takes for NICs whatever their kind (the lab's ENIs are veths)."""
+    return tuple(p for p in os.environ.get("MULTI_ENI_ROUTING_TEST_NICS", "").split(",") if p)
+
+
+def may_be_eni(state, named=(), nics=()):
+    """Whether a link (its state in a link Event) can be an ENI: an ENI's driver
+    (ena, ixgbevf, vif) registers no link kind; every virtual link has one
+    (veth, bridge, vlan, tun, ...). One named with -i always can."""
+    import fnmatch
+    name, kind = state[0], state[4]
+    return kind is None or name in named or any(fnmatch.fnmatchcase(name, p) for p in nics)
 
 
 def address_event(kind, payload):
@@ -1815,28 +1907,38 @@ class KernelView:
     """The links and addresses as the messages so far described them; tells
     which message changes them (a lease renewed, a flag we do not read: no)."""
 
-    def __init__(self):
+    def __init__(self, may_be_eni=lambda state: True):
         self.links, self.addresses = {}, set()
+        self.may_be_eni = may_be_eni
 
     def changes(self, event):
-        """Whether `event` changes what discovery would read; records it."""
+        """Whether `event` changes what discovery would read; records it. A link
+        that cannot be an ENI (a container's veth, a bridge) changes nothing,
+        and neither do its addresses: container churn never wakes the watcher."""
         if event.kind == "link":
-            if self.links.get(event.key) == event.state:
+            before = self.links.get(event.key)
+            if before == event.state:
                 return False
             if event.state is None:
                 del self.links[event.key]
                 self.addresses = {a for a in self.addresses if a[0] != event.key}
             else:
                 self.links[event.key] = event.state
-            return True
+            return any(state and self.may_be_eni(state) for state in (before, event.state))
         if event.kind == "address":
             known = event.key in self.addresses
             if event.state:
                 self.addresses.add(event.key)
             else:
                 self.addresses.discard(event.key)
-            return known != bool(event.state)
+            link = self.links.get(event.key[0])
+            return known != bool(event.state) and (link is None or self.may_be_eni(link))
         return True  # a rule or route of ours removed, a gateway changed
+
+    def eni_macs(self):
+        """The MACs of the links that may be ENIs, as IMDS writes them."""
+        return {":".join("%02x" % byte for byte in state[1]) for state in self.links.values()
+                if state[1] and self.may_be_eni(state)}
 
     def describe(self, event):
         if event.kind == "link":
@@ -1856,9 +1958,10 @@ class KernelView:
 class NetlinkWatch:
     """The rtnetlink socket, and the view of links and addresses it keeps."""
 
-    def __init__(self):
+    def __init__(self, may_be_eni=lambda state: True):
         self.sock = None
-        self.view = KernelView()
+        self.may_be_eni = may_be_eni
+        self.view = KernelView(may_be_eni)
         self.open()
 
     def open(self):
@@ -1885,7 +1988,7 @@ class NetlinkWatch:
 
     def resync(self):
         """Read all links and addresses anew (at start and after an overrun)."""
-        self.view = KernelView()
+        self.view = KernelView(self.may_be_eni)
         for request in (RTM_GETLINK, RTM_GETADDR):
             for event in dump(request):
                 self.view.changes(event)
@@ -1996,6 +2099,17 @@ class Watcher:
         self.fail_after = fail_after  # the test hook, passed on to every converge
         self.stop_requested = False
         self.say = self.print_line
+        # IMDS: its last full answer serves every converge until the poll finds
+        # a change, a link that may be an ENI appears with a MAC not seen at the
+        # last full read, or the answer is IMDS_REDISCOVER old.
+        self.session = ImdsSession()
+        self.imds = None
+        self.discovered_at = None  # monotonic time of the last full read
+        self.rediscover = True
+        self.macs_seen = set()
+        self.poll_at = None
+        self.notes = ()  # why some ENIs are not routed, as last said
+        self.metrics = Metrics(args.metrics_file) if args.metrics_file else None
 
     # -- output: stdout/stderr in the foreground (the journal), syslog as a daemon --
 
@@ -2019,7 +2133,8 @@ class Watcher:
         schedule.converging()
         started = time.monotonic()
         try:
-            code = execute(self.args, started, self.fail_after, report=self.report)
+            code = execute(self.args, started, self.fail_after, report=self.report,
+                           imds_source=self.imds_answer)
         except ToolError as exc:
             if first and exc.exit_code in FATAL_EXIT_CODES:
                 raise
@@ -2029,17 +2144,57 @@ class Watcher:
         schedule.succeeded(time.monotonic())
         return code
 
-    def report(self, line, changes):
-        if is_empty(changes):
-            log.info("%s", line)
+    def imds_answer(self, args, programs):
+        """IMDS's answer for a converge: the last full one, read anew only when
+        something says it may be out of date (see __init__)."""
+        now = time.monotonic()
+        if self.discovered_at is not None and now - self.discovered_at >= IMDS_REDISCOVER:
+            self.rediscover = True
+        if self.rediscover:
+            links = read_links(programs)
+            self.imds = discover_imds(args, links, read_sysfs(), self.session)
+            self.discovered_at, self.rediscover = now, False
+            self.macs_seen = {link.mac for link in links if link.mac}
+        return self.imds
+
+    def poll_imds(self, schedule):
+        """The poll: a converge with a full read of IMDS soon, if its list of
+        ENIs or an ENI's addresses changed (or it had no answer last time)."""
+        self.poll_at = time.monotonic() + self.args.imds_poll
+        if self.imds is not None:
+            try:
+                if imds_unchanged(ImdsClient(self.args.imds_timeout, session=self.session), self.imds):
+                    return
+                log.info("IMDS lists other ENIs or addresses: reading it in full")
+            except ImdsError as exc:
+                self.session.count("errors")
+                log.info("IMDS poll: %s", exc)
+                return
+        self.rediscover = True
+        schedule.event(time.monotonic())
+
+    def report(self, outcome):
+        """Say what a converge did; why ENIs are not routed only when that changed."""
+        if is_empty(outcome.changes):
+            log.info("%s", outcome.line)
         elif not self.args.quiet:
-            self.say(line)
-        sd_notify("STATUS=" + line)
+            self.say(outcome.line)
+        if outcome.notes != self.notes:
+            if outcome.notes:
+                log.warning("%s", not_routed_line(outcome.notes))
+            else:
+                log.info("every ENI named or listed is routed again")
+            self.notes = outcome.notes
+        sd_notify("STATUS=" + outcome.line + ("; " + not_routed_line(outcome.notes) if outcome.notes else ""))
+        if self.metrics:
+            self.metrics.converged(outcome, self.session.counts)
 
     def failed(self, schedule, message, code):
         delay = schedule.failed(time.monotonic())
         self.say("apply failed: %s; retrying in %.0f s" % (message, delay), error=True)
         sd_notify("STATUS=apply failed: %s; retrying in %.0f s" % (message, delay))
+        if self.metrics:
+            self.metrics.failed(self.session.counts)
         return code
 
     def run(self):
@@ -2048,7 +2203,8 @@ class Watcher:
         events = pidfile = None
         try:
             try:
-                events = NetlinkWatch()  # before the first apply: no change slips through
+                named, nics = self.args.interface, test_nics()
+                events = NetlinkWatch(lambda state: may_be_eni(state, named, nics))  # before the first apply
             except OSError as exc:
                 raise ToolError("cannot watch the kernel's routing messages (netlink): %s"
                                 % (exc.strerror or exc))
@@ -2079,10 +2235,17 @@ class Watcher:
     def loop(self, events, schedule):
         poller = select.poll()
         poller.register(events, select.POLLIN)
+        polling = self.args.imds_poll and not self.args.no_imds
+        self.poll_at = time.monotonic() + self.args.imds_poll if polling else None
         while not self.stop_requested:
-            wait = schedule.due() - time.monotonic()
-            if wait <= 0:
+            if self.poll_at is not None and self.poll_at <= time.monotonic():
+                self.poll_imds(schedule)
+            due = schedule.due() if self.poll_at is None else min(schedule.due(), self.poll_at)
+            wait = due - time.monotonic()
+            if schedule.due() <= time.monotonic():
                 self.converge(schedule)
+            elif wait <= 0:
+                continue  # the poll is due
             elif poller.poll(max(1, int(wait * 1000 + 1))):
                 try:
                     reasons = events.read()
@@ -2096,6 +2259,10 @@ class Watcher:
                     log.info("converge soon: %s", "; ".join(reasons[:5]) + (
                         " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
                     schedule.event(time.monotonic())
+                    unseen = events.view.eni_macs() - self.macs_seen
+                    if unseen and not self.rediscover:
+                        log.info("a link that may be an ENI is new (%s): IMDS is read again", ", ".join(sorted(unseen)))
+                        self.rediscover = True
 
     def daemonize(self):
         """Fork. The parent waits until the child has written the pid file and
@@ -2139,6 +2306,92 @@ class Watcher:
 
         log.emit = emit
         self.say = lambda line, error=False: syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
+
+
+class Metrics:
+    """The watcher's metrics in Prometheus text format, for node_exporter's
+    textfile collector: the whole file written anew after every converge, to
+    a temporary file renamed over it (the collector never reads half a file)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.converges = self.failures = 0
+        self.last = None  # (time, success) of the last converge
+        self.enis = {}  # (interface, mac) -> (routed, IPv4 and IPv6 address counts, time, success)
+        self.complained = False
+
+    def converged(self, outcome, imds_counts):
+        now = time.time()
+        self.converges += 1
+        self.last = (now, 1)
+        self.enis = {(eni.name, eni.mac): (1, len(eni.families[4].addresses), len(eni.families[6].addresses),
+                                           now, 1) for eni in outcome.enis}
+        for note in outcome.notes:
+            self.enis[(note.interface, note.mac)] = (0, 0, 0, now, 1)
+        self.write(imds_counts)
+
+    def failed(self, imds_counts):
+        now = time.time()
+        self.converges += 1
+        self.failures += 1
+        self.last = (now, 0)
+        self.enis = {key: value[:3] + (now, 0) for key, value in self.enis.items()}
+        self.write(imds_counts)
+
+    def text(self, imds_counts):
+        """The metrics, in the text exposition format."""
+        lines = []
+
+        def family(name, kind, help_text, samples):
+            lines.extend(["# HELP multi_eni_routing_%s %s" % (name, help_text),
+                          "# TYPE multi_eni_routing_%s %s" % (name, kind)])
+            for labels, value in samples:
+                label_text = ",".join('%s="%s"' % (key, prometheus_escape(val)) for key, val in labels)
+                lines.append("multi_eni_routing_%s%s %s" % (name, "{%s}" % label_text if labels else "",
+                                                            repr(float(value)) if isinstance(value, float) else value))
+
+        enis = sorted(self.enis.items())
+        eni_labels = [(("interface", name), ("mac", mac)) for (name, mac), _ in enis]
+        family("eni_routed", "gauge", "1 if the ENI is routed, 0 if it is named or listed but not routed.",
+               [(labels, value[0]) for labels, (_, value) in zip(eni_labels, enis)])
+        family("eni_addresses", "gauge", "Addresses routed through the ENI, by family.",
+               [(labels + (("family", "ipv%d" % f),), value[1 if f == 4 else 2])
+                for labels, (_, value) in zip(eni_labels, enis) for f in FAMILIES])
+        family("eni_last_converge_timestamp_seconds", "gauge", "When the last converge that covered the ENI ended.",
+               [(labels, value[3]) for labels, (_, value) in zip(eni_labels, enis)])
+        family("eni_last_converge_success", "gauge", "1 if the last converge that covered the ENI succeeded.",
+               [(labels, value[4]) for labels, (_, value) in zip(eni_labels, enis)])
+        if self.last:
+            family("last_converge_timestamp_seconds", "gauge", "When the last converge ended.", [((), self.last[0])])
+            family("last_converge_success", "gauge", "1 if the last converge succeeded.", [((), self.last[1])])
+        family("converges_total", "counter", "Converges run (applies, most of them changing nothing).",
+               [((), self.converges)])
+        family("converge_failures_total", "counter", "Converges that failed (and were rolled back).",
+               [((), self.failures)])
+        family("imds_requests_total", "counter", "HTTP requests sent to the instance metadata service.",
+               [((), imds_counts["requests"])])
+        family("imds_errors_total", "counter", "IMDS reads and polls that gave no usable answer.",
+               [((), imds_counts["errors"])])
+        return "\n".join(lines) + "\n"
+
+    def write(self, imds_counts):
+        temporary = "%s.%d.tmp" % (self.path, os.getpid())
+        try:
+            with open(temporary, "w") as handle:
+                handle.write(self.text(imds_counts))
+            os.replace(temporary, self.path)
+            self.complained = False
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            if not self.complained:  # once until it works again, not on every converge
+                log.warning("cannot write the metrics file %s: %s", self.path, exc.strerror or exc)
+                self.complained = True
+
+
+def prometheus_escape(value):
+    """A label value as the text format quotes it."""
+    return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
 def write_pidfile(path):
@@ -2217,7 +2470,7 @@ class OneLineParser(argparse.ArgumentParser):
 # (validate() and check_interfaces() return a new one). Lists are tuples.
 Options = collections.namedtuple("Options", (
     "flush status watch dry_run json interface exclude no_imds no_imds_addresses imds_timeout "
-    "mark_mask refresh daemon pidfile state_dir verbose quiet options_file"))
+    "mark_mask refresh imds_poll metrics_file daemon pidfile state_dir verbose quiet options_file"))
 
 
 def options_of(namespace):
@@ -2319,8 +2572,20 @@ def build_parser():
     parser.add_argument("--mark-mask", type=mark_mask_arg, default=DEFAULT_MARK_MASK, metavar="MASK",
                         help="connmark bits the tool may use (default %#x)" % DEFAULT_MARK_MASK)
     parser.add_argument("--refresh", type=refresh_arg, default=None, metavar="SECONDS",
-                        help="with --watch: apply (and ask IMDS) at least this often, even without "
-                             "events (default %d; 1 to 86400)" % REFRESH_DEFAULT)
+                        help="with --watch: apply at least this often, even without events "
+                             "(default %d; 1 to 86400); IMDS is read in full then when its last "
+                             "full answer is %d s old" % (REFRESH_DEFAULT, IMDS_REDISCOVER))
+    parser.add_argument("--imds-poll", type=poll_arg, default=None, metavar="SECONDS",
+                        help="with --watch: this often, ask IMDS for its list of ENIs and, per "
+                             "ENI, for its IPv4 addresses (IPv6 on an IPv6-only ENI): one request "
+                             "per ENI plus one. Read in full and applied when they changed, so an "
+                             "address assigned in EC2 is routed within SECONDS (default %g; 0: "
+                             "never)" % IMDS_POLL_DEFAULT)
+    parser.add_argument("--metrics-file", metavar="FILE",
+                        help="with --watch: keep FILE up to date with Prometheus text-format "
+                             "metrics (per ENI: routed, addresses; converges, failures, IMDS "
+                             "requests), written atomically: put it in node_exporter's "
+                             "--collector.textfile.directory, named *.prom")
     parser.add_argument("--daemon", action="store_true",
                         help="with --watch and --pidfile, for hosts without systemd: after the first "
                              "apply, detach and log to syslog; exit with the first apply's code")
@@ -2342,7 +2607,8 @@ def validate(options):
     UsageError. --refresh, --daemon and --pidfile go with --watch, which
     changes the system."""
     for option, given in (("--refresh", options.refresh is not None), ("--daemon", options.daemon),
-                          ("--pidfile", options.pidfile)):
+                          ("--pidfile", options.pidfile), ("--imds-poll", options.imds_poll is not None),
+                          ("--metrics-file", options.metrics_file)):
         if given and not options.watch:
             raise UsageError("%s goes with --watch" % option)
     if options.json and not options.status:
@@ -2353,7 +2619,9 @@ def validate(options):
         raise UsageError("--daemon needs --pidfile FILE")
     return options._replace(
         pidfile=os.path.abspath(options.pidfile) if options.pidfile else None,  # the daemon changes to /
-        refresh=REFRESH_DEFAULT if options.refresh is None else options.refresh)
+        metrics_file=os.path.abspath(options.metrics_file) if options.metrics_file else None,
+        refresh=REFRESH_DEFAULT if options.refresh is None else options.refresh,
+        imds_poll=IMDS_POLL_DEFAULT if options.imds_poll is None else options.imds_poll)
 
 
 def refresh_arg(text):
@@ -2363,6 +2631,16 @@ def refresh_arg(text):
         raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
     if not 1 <= value <= 86400:
         raise argparse.ArgumentTypeError("%r: give 1 <= SECONDS <= 86400" % text)
+    return value
+
+
+def poll_arg(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+    if not (value == 0 or 1 <= value <= 86400):
+        raise argparse.ArgumentTypeError("%r: give 0 (never) or 1 <= SECONDS <= 86400" % text)
     return value
 
 
@@ -2396,15 +2674,17 @@ def setup_logging(verbose, quiet):
     log.level = {-1: Log.ERROR, 0: Log.WARNING, 1: Log.INFO}.get(max(-1, min(verbose - quiet, 2)), Log.DEBUG)
 
 
-def discover_imds(args, links, sysfs):
+def discover_imds(args, links, sysfs, session=None):
     """IMDS's view, or None (and why) when it does not answer. `links` and
-    `sysfs` say which NICs IMDS should list."""
+    `sysfs` say which NICs IMDS should list; `session` counts the requests."""
     named = set(args.interface)
     expected = {link.mac for link in links if link.name in named
                 or (not named and looks_like_eni(link, sysfs) and link.name not in args.exclude)}
+    session = session or ImdsSession()
     try:
-        return fetch_imds(ImdsClient(args.imds_timeout), expected)
+        return fetch_imds(ImdsClient(args.imds_timeout, session=session), expected)
     except ImdsError as exc:
+        session.count("errors")
         log.warning("instance metadata not usable (%s): using the interfaces found here", exc)
         return None
 
@@ -2419,9 +2699,9 @@ def check_interfaces(options, system):
                          % ", ".join(repr(name) for name in unsafe))
     names = {link.name for link in system.links if SAFE_NAME.match(link.name)}
     missing = [name for name in options.interface if name not in names]
-    if missing and not (options.flush or options.status):
+    if missing and not (options.flush or options.status or options.watch):
         raise UsageError("no such interface: %s" % ", ".join(missing))
-    if missing:
+    if missing and not (options.status or options.watch):  # those say it in their notes
         log.warning("no such interface: %s (ignored)", ", ".join(missing))
     return options._replace(interface=tuple(name for name in options.interface if name in names))
 
@@ -2456,9 +2736,11 @@ def main(argv=None, fail_after=0):
         return EXIT_FAILURE
 
 
-def execute(args, started, fail_after=0, report=None):
+def execute(args, started, fail_after=0, report=None, imds_source=None):
     """One run: apply (or flush, --status, --dry-run). An apply's one-line
-    summary goes to report(line, changes) when given (the watcher), else stdout."""
+    summary goes to report(Outcome) when given (the watcher), else stdout.
+    `imds_source(args, programs)`, when given, answers for IMDS (the watcher's
+    cache), else IMDS is asked."""
     if os.geteuid() != 0:
         raise ToolError("must run as root", EXIT_NOT_ROOT)
     if kernel_version() < (4, 17):
@@ -2471,7 +2753,9 @@ def execute(args, started, fail_after=0, report=None):
     # IMDS first, outside the lock: the lock is never held longer than one
     # apply, whatever IMDS does, and a flush never waits on IMDS.
     imds = None
-    if not (args.flush or args.no_imds):
+    if imds_source and not (args.flush or args.no_imds):
+        imds = imds_source(args, programs)
+    elif not (args.flush or args.no_imds):
         imds = discover_imds(args, read_links(programs), read_sysfs())
     lock = None if read_only else take_lock(args.state_dir)
     try:
@@ -2479,10 +2763,14 @@ def execute(args, started, fail_after=0, report=None):
         system = this_run.read()
         record = this_run.read_record(system)
         owned = owned_state(system, record)
-        args = check_interfaces(args, system)
-        enis, desired = desired_state(args, system, owned, record, imds)
+        named, args = args.interface, check_interfaces(args, system)
+        if named and not args.interface:  # every ENI named with -i is gone (the watcher goes on)
+            enis, desired = [], NOTHING
+        else:
+            enis, desired = desired_state(args, system, owned, record, imds)
+        notes = () if args.flush else not_routed(named, system, imds, enis, args.exclude)
         if args.status:
-            return show_status(args, enis, owned, this_run.changes(desired, owned, record))
+            return show_status(args, enis, owned, this_run.changes(desired, owned, record), notes)
         if args.dry_run:
             changes = this_run.changes(desired, owned, record)
             print("\n".join(render(changes)) if not is_empty(changes) else "in sync: nothing to do")
@@ -2490,13 +2778,55 @@ def execute(args, started, fail_after=0, report=None):
         changes = this_run.converge(desired, owned, record, enis)
         line = summary(args, enis, desired, changes, started)
         if report:
-            report(line, changes)
-        elif not args.quiet:
-            print(line)
+            report(Outcome(line, changes, notes, enis))
+        else:
+            if notes:
+                log.warning("%s", not_routed_line(notes))
+            if not args.quiet:
+                print(line)
         return EXIT_OK
     finally:
         if lock:
             lock.close()
+
+
+# What an apply did, for the watcher: its summary line, the changes, why
+# ENIs named or listed are not routed (not_routed), and the ENIs routed.
+Outcome = collections.namedtuple("Outcome", "line changes notes enis")
+# An ENI named with -i or listed by IMDS that is not routed, and why.
+NotRouted = collections.namedtuple("NotRouted", "interface mac eni_id why")
+
+
+def not_routed(named, system, imds, enis, excluded=()):
+    """Why ENIs named with -i or listed by IMDS are not routed (NotRouted
+    each). An ENI without an interface here (EFA-only, bound to DPDK, or being
+    attached) is passed over: nothing waits for it."""
+    links = {link.name: link for link in system.links}
+    routed = {eni.name for eni in enis}
+    notes = [NotRouted(name, "", "", "named with -i, no such interface") for name in named if name not in links]
+    by_mac = {link.mac: link for link in system.links if link.mac}
+    for mac, meta in sorted((imds.enis if imds else {}).items(),
+                            key=lambda item: (item[1].network_card, item[1].device_number)):
+        link = by_mac.get(mac)
+        if link is None:
+            notes.append(NotRouted("", mac, meta.interface_id, "card %d device %d, no interface here "
+                                   "(EFA-only, DPDK, or not attached yet)"
+                                   % (meta.network_card, meta.device_number)))
+        elif link.name not in routed and not link.up and link.name not in excluded \
+                and (not named or link.name in named):
+            notes.append(NotRouted(link.name, mac, meta.interface_id, "down"))
+    return tuple(notes)
+
+
+def describe_not_routed(note):
+    """One NotRouted as a phrase: what it is, then why."""
+    what = note.interface or "%s (%s)" % (note.eni_id or "ENI", note.mac)
+    return "%s: %s" % (what, note.why)
+
+
+def not_routed_line(notes):
+    """The notes in one line."""
+    return "not routed: " + "; ".join(describe_not_routed(note) for note in notes)
 
 
 def desired_state(args, system, owned, record, imds):
@@ -2518,9 +2848,10 @@ def desired_state(args, system, owned, record, imds):
     return enis, desired
 
 
-def show_status(args, enis, owned, changes):
+def show_status(args, enis, owned, changes, notes=()):
     """Print the status; its exit code: 0 in sync, 1 stale, 3 not applied."""
     report = status_report(enis, owned, changes)
+    report["not_routed"] = [dict(note._asdict()) for note in notes]
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -2,7 +2,8 @@
 # Installs what the tests need on Debian or Ubuntu (run as root, from anywhere
 # in the source tree): the programs the tool drives and those the lab, the
 # shell checks and the boot test use, from the distribution; and pytest,
-# pytest-cov and coverage >= 7.10 in a virtual environment, .venv in the
+# pytest-cov, coverage >= 7.10 and prometheus-client (the metrics file's
+# parser) in a virtual environment, .venv in the
 # source tree (the system Python is never changed: PEP 668).  Then run:
 #   .venv/bin/python -m pytest -ra --cov=multi_eni_routing tests
 set -eu
@@ -49,7 +50,7 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086 # word splitting of the package list is wanted
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-if ! .venv/bin/python -c 'import pytest, pytest_cov, coverage; assert coverage.version_info >= (7, 10)' 2>/dev/null; then
+if ! .venv/bin/python -c 'import pytest, pytest_cov, coverage, prometheus_client; assert coverage.version_info >= (7, 10)' 2>/dev/null; then
     python3 -m venv .venv
-    .venv/bin/python -m pip install -q --upgrade pytest pytest-cov 'coverage>=7.10'
+    .venv/bin/python -m pip install -q --upgrade pytest pytest-cov 'coverage>=7.10' prometheus-client
 fi

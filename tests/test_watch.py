@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import TOOL, TOOL_PYTHON, _run, cpu_ticks, memory_kb
+from lab import TEST_NICS, TOOL, TOOL_PYTHON, _run, cpu_ticks, memory_kb
 from recorded import mer
 
 
@@ -218,7 +218,7 @@ def test_sd_notify_without_systemd_does_nothing(monkeypatch):
 def test_a_failing_converge_is_reported_and_scheduled_never_raised(monkeypatch, notify_socket, capsys):
     outcomes = [mer.ToolError("ip exited 2: RTNETLINK answers: No such device"), RuntimeError("a bug")]
 
-    def execute(args, started, fail_after=0, report=None):
+    def execute(args, started, fail_after=0, report=None, imds_source=None):
         raise outcomes.pop(0)
 
     monkeypatch.setattr(mer, "execute", execute)
@@ -235,7 +235,7 @@ def test_a_failing_converge_is_reported_and_scheduled_never_raised(monkeypatch, 
 class NoNetlink:
     """Stands in for the netlink socket: these tests never listen to the host."""
 
-    def __init__(self):
+    def __init__(self, may_be_eni=None):
         self.opened = True
 
     def close(self):
@@ -297,7 +297,8 @@ class Watching:
         self.notify.bind(os.path.join(self.directory, "notify"))
         self.output_path = os.path.join(self.directory, "output")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MULTI_ENI_ROUTING")}
-        full_env.update(env or {}, NOTIFY_SOCKET=os.path.join(self.directory, "notify"))
+        full_env.update(TEST_NICS, **(env or {}))
+        full_env["NOTIFY_SOCKET"] = os.path.join(self.directory, "notify")
         with open(self.output_path, "w") as output:
             self.process = subprocess.Popen(
                 ["ip", "netns", "exec", lab.instance, TOOL_PYTHON, str(TOOL), "--watch", "-v",
@@ -672,9 +673,10 @@ def test_as_a_daemon_it_detaches_writes_its_pid_file_and_watches(make_lab):
 def test_as_a_daemon_a_usage_error_leaves_no_process_behind(make_lab):
     lab = make_lab()
     pidfile = os.path.join(lab.tmpdir, "watch.pid")
-    result = lab.run_tool("--watch", "--daemon", "--pidfile", pidfile, "-i", "nosuch0")
+    result = lab.run_tool("--watch", "--daemon", "--pidfile", pidfile, "-i", "no#such")
     assert result.rc == mer.EXIT_USAGE
-    assert result.stderr.strip().splitlines() == ["multi-eni-routing: error: no such interface: nosuch0"]
+    assert result.stderr.strip().splitlines() == [
+        "multi-eni-routing: error: cannot route 'no#such': an interface name must be 1-15 of [A-Za-z0-9_.-]"]
     assert not os.path.exists(pidfile)
     assert _run(["ip", "netns", "pids", lab.instance]).stdout.split() == []
 
