@@ -1782,6 +1782,7 @@ IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 IFADDR = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
 RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst len, src len, tos, table, protocol, scope, type, flags
 RTATTR = struct.Struct("=HH")  # length, type
+AF_UNSPEC = 0  # the family of a link message about the link itself
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 10, 18
 IFLA_INFO_KIND = 1  # in IFLA_LINKINFO: "veth", "bridge", "vlan", "tun", ...; none on a NIC's driver
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -1854,7 +1855,9 @@ def parse_event(kind, payload):
 
 
 def link_event(kind, payload):
-    _, _, index, flags, _ = IFINFO.unpack_from(payload)
+    family, _, index, flags, _ = IFINFO.unpack_from(payload)
+    if family != AF_UNSPEC:  # a bridge's news of its ports (AF_BRIDGE): not the link itself
+        return None
     if kind == RTM_DELLINK:
         return Event("link", index, None)
     attributes = netlink_attributes(payload, IFINFO.size)

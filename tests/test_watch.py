@@ -108,6 +108,33 @@ def test_links_and_addresses_matter_only_when_what_discovery_reads_changes():
     assert view.links == {} and view.addresses == set()  # its addresses went with it
 
 
+def virtual_link_message(kind, index, name, link_kind, family=0):
+    body = mer.IFINFO.pack(family, 1, index, mer.IFF_UP, 0xFFFFFFFF)
+    info = attribute(mer.IFLA_LINKINFO | 0x8000, attribute(mer.IFLA_INFO_KIND, link_kind.encode() + b"\0"))
+    return message(kind, body + attribute(mer.IFLA_IFNAME, name.encode() + b"\0")
+                   + attribute(mer.IFLA_ADDRESS, b"\x22\xde\x56\x7c\x74\xd0") + info)
+
+
+def test_links_that_cannot_be_enis_and_their_addresses_wake_nothing():
+    view = mer.KernelView(lambda state: mer.may_be_eni(state, named=("vlan7",), nics=("lab*",)))
+
+    def changes(data):
+        return [view.changes(event) for event in events_of(data) if event]
+
+    for index, kind in enumerate(("veth", "bridge", "vlan", "tun", "macvlan", "vxlan", "dummy"), 10):
+        assert changes(virtual_link_message(mer.RTM_NEWLINK, index, "c%d" % index, kind)) == [False], kind
+        assert changes(address_message(mer.RTM_NEWADDR, index, "198.19.0.%d" % index, 16)) == [False]
+        assert changes(message(mer.RTM_DELLINK, mer.IFINFO.pack(0, 1, index, 0, 0))) == [False]
+    assert changes(link_message(mer.RTM_NEWLINK, 3, "ens6", mer.IFF_UP)) == [True]  # no kind: a NIC's driver
+    assert changes(virtual_link_message(mer.RTM_NEWLINK, 4, "vlan7", "vlan")) == [True]  # named with -i
+    assert changes(virtual_link_message(mer.RTM_NEWLINK, 5, "lab1", "veth")) == [True]  # the test hook
+    assert view.eni_macs() == {"02:00:00:00:00:02", "22:de:56:7c:74:d0"}
+    # a bridge's news of its port (family AF_BRIDGE, no link kind in it) is not news of the link
+    bridge_port = mer.IFINFO.pack(socket.AF_BRIDGE, 1, 11, mer.IFF_UP, 0) + attribute(mer.IFLA_IFNAME, b"c11\0")
+    assert events_of(message(mer.RTM_NEWLINK, bridge_port)) == [None]
+    assert events_of(message(mer.RTM_DELLINK, bridge_port)) == [None]
+
+
 def test_a_message_shorter_than_its_header_is_ignored():
     assert events_of(message(mer.RTM_NEWADDR, b"\2\30")) == [None]
     assert events_of(message(mer.RTM_DELROUTE, b"\2")) == [None]
@@ -509,22 +536,75 @@ def test_a_detached_enis_routing_goes_with_its_interface(make_lab, watching):
     assert lab.tcp_ok(lab.client, lab.enis[0].addresses4[0])
 
 
-def test_an_address_assigned_in_imds_only_is_routed_within_the_refresh(make_lab, watching):
+def test_an_address_assigned_in_imds_only_answers_within_10_s(make_lab, watching):
+    """EC2 raises no event for a new secondary address: the poll finds it
+    (it took up to --refresh, 60 s, when every refresh read IMDS in full)."""
     lab = make_lab()
     eni = lab.enis[1]
     apply_once(lab)
     lab.add_address(eni, "203.0.113.20", on_instance=False)  # assigned in EC2 only
     assert not lab.tcp_ok(lab.client, "203.0.113.20", timeout=1)
 
-    refresh = 3
-    watcher = watching(lab, "--refresh", str(refresh)).ready()
+    watcher = watching(lab).ready()
     assert lab.tcp_ok(lab.client, "203.0.113.20")
     watcher.settle()
-    lab.add_address(eni, "203.0.113.21", on_instance=False)  # no event: only the refresh finds it
-    wait_for(lambda: lab.tcp_ok(lab.client, "203.0.113.21", timeout=0.5), refresh + 2.0, interval=0,
-             what="the address assigned in IMDS answering")
+    lab.add_address(eni, "203.0.113.21", on_instance=False)  # no event: only the poll finds it
+    took = wait_for(lambda: lab.tcp_ok(lab.client, "203.0.113.21", timeout=0.3), 12.0, interval=0,
+                    what="the address assigned in IMDS answering")
+    assert took < 10.0, "answered after %.1f s" % took
     watcher.settle()  # its own address addition caused one follow-up converge, then quiet
-    assert len(watcher.statuses_during(refresh - 1.0)) <= 1
+    assert watcher.statuses_during(3.0) == []
+
+
+def test_at_15_enis_it_asks_imds_under_2_times_a_second(make_lab, watching):
+    lab = make_lab(enis=15, addresses=1, ipv6=False)
+    watcher = watching(lab).ready()
+    first = len(lab.imds.requests())  # the first apply's full read
+    watcher.settle()
+    before, started = len(lab.imds.requests()), time.monotonic()
+    time.sleep(20)
+    polled = (len(lab.imds.requests()) - before) / (time.monotonic() - started)
+    assert polled > 0, "no poll at all"
+    # polls, plus the full read every IMDS_REDISCOVER seconds
+    average = polled + first / mer.IMDS_REDISCOVER
+    assert average <= 2.0, "%.2f requests/s (%.2f polling, a full read is %d)" % (average, polled, first)
+    assert first <= 15 * 5 + 3
+
+
+def churn_containers(lab, pairs=100, seconds=20.0):
+    """What Docker, ECS and Kubernetes do on a busy host: a veth pair per
+    container, on a bridge, its container end addressed, and gone again about
+    a second later; `pairs` of them over `seconds`."""
+    lab.ip(lab.instance, "link add name brchurn type bridge", "link set brchurn up")
+    started, alive = time.monotonic(), []
+    for number in range(pairs):
+        commands = ["link add name vc%d type veth peer name vh%d" % (number, number),
+                    "link set vh%d master brchurn up" % number, "link set vc%d up" % number,
+                    "addr add 198.19.%d.%d/16 dev vc%d" % (number // 200, 10 + number % 200, number)]
+        alive.append(number)
+        if len(alive) > 5:
+            commands.append("link del vh%d" % alive.pop(0))
+        lab.ip(lab.instance, *commands)
+        time.sleep(max(0.0, started + (number + 1) * seconds / pairs - time.monotonic()))
+    lab.ip(lab.instance, *["link del vh%d" % number for number in alive] + ["link del brchurn"])
+
+
+def test_container_churn_wakes_nothing_and_asks_imds_nothing(make_lab, watching):
+    """100 containers over 20 s made it converge 21 times and send 360 IMDS
+    requests: a veth or a bridge is never an ENI, so they wake nothing."""
+    lab = make_lab(enis=3)
+    watcher = watching(lab, "--imds-poll", "120").ready()  # no poll during the churn
+    watcher.settle()
+    applied, before = routing(lab), len(lab.imds.requests())
+    churn_containers(lab)
+    statuses = watcher.statuses_during(1.0)
+    assert lab.imds.requests()[before:] == [], watcher.output()[-3000:]
+    assert statuses == [], "converged %d times" % len(statuses)
+    assert "converge soon" not in watcher.output().split("READY")[-1]
+    assert routing(lab) == applied
+    lab.detach_eni(lab.enis[2])  # an ENI's link going still wakes it, without asking IMDS
+    wait_for(lambda: table_lines(lab, 22002) == [], 3.0, what="eth2's routing gone")
+    assert lab.imds.requests()[before:] == []
 
 
 def test_idle_it_costs_under_half_a_second_of_cpu_per_10_s_and_under_40_mb(make_lab, watching):
