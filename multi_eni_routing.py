@@ -2812,8 +2812,8 @@ def not_routed(named, system, imds, enis, excluded=()):
                             key=lambda item: (item[1].network_card, item[1].device_number)):
         link = by_mac.get(mac)
         if link is None:
-            notes.append(NotRouted("", mac, meta.interface_id, "card %d device %d, no interface here "
-                                   "(EFA-only, DPDK, or not attached yet)"
+            notes.append(NotRouted("", mac, meta.interface_id, "card %d device %d, no interface here has "
+                                   "its MAC (EFA-only, DPDK, not attached yet, or its MAC was changed)"
                                    % (meta.network_card, meta.device_number)))
         elif link.name not in routed and not link.up and link.name not in excluded \
                 and (not named or link.name in named):

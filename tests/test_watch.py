@@ -607,6 +607,147 @@ def test_container_churn_wakes_nothing_and_asks_imds_nothing(make_lab, watching)
     assert lab.imds.requests()[before:] == []
 
 
+def statuses_until(watcher, text, timeout=10.0):
+    """The STATUS lines up to the first that contains `text`."""
+    deadline, found = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        status = watcher.receive(deadline - time.monotonic())
+        if status and status.startswith("STATUS="):
+            found.append(status)
+            if text in status:
+                return found
+    raise AssertionError("no STATUS with %r within %s s: %s\n%s" % (text, timeout, found, watcher.output()))
+
+
+def test_with_i_a_named_eni_gone_it_heals_every_other_and_says_so(make_lab, watching):
+    """-i eth0 -i eth1 -i eth2, and eth2 detached: every converge failed with
+    "no such interface", so nothing healed eth1 any more."""
+    lab = make_lab(enis=3)
+    named = [word for eni in lab.enis for word in ("-i", eni.name)]
+    watcher = watching(lab, *named).ready()
+    watcher.settle()
+    lab.detach_eni(lab.enis[2])
+    statuses_until(watcher, "not routed: eth2: named with -i, no such interface")
+    watcher.settle()
+    applied = routing(lab)
+    assert table_lines(lab, 22002) == []
+    DELETIONS["rules4"](lab)  # eth1's rules
+    healed_within(lab, applied, lab.enis[1].addresses4, 3.0, "eth1's rules back")
+    status = lab.run_tool("--status", *named)
+    assert status.rc == 0, status
+    assert "not routed: eth2: named with -i, no such interface" in status.stdout.splitlines()
+    assert watcher.output().count("warning: not routed: eth2") == 1  # said once, not per converge
+
+
+def imds_macs_no_interface_has(lab):
+    """What netplan's net_setup_link did in the lab: every interface gets a new
+    MAC, so none matches the MACs IMDS lists."""
+    lab.ip(lab.instance, *["link set %s address 02:00:00:00:99:%02x" % (eni.name, number)
+                           for number, eni in enumerate(lab.enis)])
+
+
+def test_a_run_that_routes_nothing_says_why_once(make_lab, watching):
+    lab = make_lab(enis=2)
+    imds_macs_no_interface_has(lab)
+    result = lab.run_tool()
+    assert result.rc == 0
+    why = "not routed: %s (%s): card 0 device 0, no interface here has its MAC" % (
+        lab.enis[0].interface_id, lab.enis[0].mac)
+    assert why in result.stderr, result
+    watcher = watching(lab, "--refresh", "1").ready()
+    assert why in watcher.messages[0]  # the unit's status line
+    watcher.statuses_during(3.5)  # three refreshes more
+    assert watcher.output().count(why) == 1, watcher.output()
+    status = lab.run_tool("--status")
+    assert why in status.stdout
+
+
+EFA_MAC = "02:00:00:00:0e:fa"
+
+
+def list_an_efa_only_eni(lab):
+    """An EFA-only ENI on a network card of its own: IMDS lists it, the host has
+    no interface for it and it has no address."""
+    lab.imds.override("network/interfaces/macs/" + EFA_MAC, {
+        "device-number": "0", "network-card": "1", "interface-id": "eni-0efa0000000000000", "mac": EFA_MAC})
+
+
+def median_apply_seconds(lab, runs=3):
+    took = []
+    for _ in range(runs):
+        started = time.monotonic()
+        result = lab.run_tool()
+        took.append(time.monotonic() - started)
+        assert result.rc == 0, result
+    return sorted(took)[runs // 2]
+
+
+def test_an_efa_only_eni_is_passed_over_at_once_and_shown_in_status(make_lab, watching):
+    lab = make_lab(enis=2)
+    baseline = median_apply_seconds(lab)
+    list_an_efa_only_eni(lab)
+    with_efa = median_apply_seconds(lab)
+    assert with_efa < baseline + 1.0, (baseline, with_efa)
+    status = lab.run_tool("--status")
+    assert ("not routed: eni-0efa0000000000000 (%s): card 1 device 0, no interface here has its MAC" % EFA_MAC
+            in status.stdout), status.stdout
+    assert lab.reachability(lab.addresses()) == {a: (True, True) for a in lab.addresses()}
+    watcher = watching(lab, "--refresh", "1").ready()
+    watcher.statuses_during(3.5)
+    assert watcher.output().count("warning:") <= 1, watcher.output()
+
+
+def read_metrics(path):
+    """{(name, labels as a sorted tuple): value} of a Prometheus text file, as
+    node_exporter's parser reads it; and {family: type}."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    samples, types = {}, {}
+    for family in parser.text_string_to_metric_families(Path(path).read_text()):
+        types[family.name] = family.type
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples, types
+
+
+def test_the_metrics_file_says_what_the_lab_shows(make_lab, watching):
+    lab = make_lab(enis=2)
+    list_an_efa_only_eni(lab)
+    metrics = os.path.join(lab.tmpdir, "multi-eni-routing.prom")
+    watcher = watching(lab, "--metrics-file", metrics, "--imds-poll", "0").ready()
+    watcher.settle()
+    samples, types = read_metrics(metrics)
+    assert os.listdir(lab.tmpdir).count("multi-eni-routing.prom") == 1
+    assert not [name for name in os.listdir(lab.tmpdir) if name.endswith(".tmp")]
+    for eni in lab.enis:
+        labels = (("interface", eni.name), ("mac", eni.mac))
+        assert samples[("multi_eni_routing_eni_routed", labels)] == 1
+        for family, addresses in (("ipv4", eni.addresses4), ("ipv6", eni.addresses6)):
+            assert samples[("multi_eni_routing_eni_addresses", tuple(sorted(labels + (("family", family),))))] \
+                == len(addresses)
+        assert samples[("multi_eni_routing_eni_last_converge_success", labels)] == 1
+        assert abs(samples[("multi_eni_routing_eni_last_converge_timestamp_seconds", labels)] - time.time()) < 30
+    assert samples[("multi_eni_routing_eni_routed", (("interface", ""), ("mac", EFA_MAC)))] == 0
+    converges = len([m for m in watcher.messages if m.startswith("STATUS=")])
+    assert samples[("multi_eni_routing_converges_total", ())] == converges
+    assert samples[("multi_eni_routing_converge_failures_total", ())] == 0
+    assert samples[("multi_eni_routing_imds_requests_total", ())] == len(lab.imds.requests())
+    assert samples[("multi_eni_routing_imds_errors_total", ())] == 0
+    assert samples[("multi_eni_routing_last_converge_success", ())] == 1
+    assert types["multi_eni_routing_converges"] == "counter"  # the parser names counters without _total
+    assert types["multi_eni_routing_eni_routed"] == "gauge"
+
+
+def test_the_metrics_file_counts_failed_converges(make_lab, watching):
+    lab = make_lab(enis=2)
+    metrics = os.path.join(lab.tmpdir, "multi-eni-routing.prom")
+    watcher = watching(lab, "--metrics-file", metrics, env={"MULTI_ENI_ROUTING_FAIL_AFTER": "1"}).ready()
+    wait_for(lambda: os.path.exists(metrics), 5.0, what="the metrics file")
+    samples, _ = read_metrics(metrics)
+    assert samples[("multi_eni_routing_converge_failures_total", ())] >= 1
+    assert samples[("multi_eni_routing_last_converge_success", ())] == 0
+    assert "apply failed" in watcher.messages[0]
+
+
 def test_idle_it_costs_under_half_a_second_of_cpu_per_10_s_and_under_40_mb(make_lab, watching):
     lab = make_lab()
     watcher = watching(lab, "--refresh", "5").ready()
