@@ -17,6 +17,11 @@ its priority and table ranges, its iptables chains, its state file), so a flush
 removes exactly that and nothing else.
 """
 
+import signal
+
+if __name__ == "__main__":  # SIGINT while starting: ended at once, nothing changed, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import collections
 import contextlib
@@ -29,7 +34,6 @@ import os
 import re
 import select
 import shlex
-import signal
 import struct
 import subprocess
 import sys
@@ -1636,7 +1640,13 @@ class Stopped(BaseException):
 
 class stop_signals_held:  # noqa: N801 (a context manager, used like a function)
     """SIGTERM and SIGINT wait while the system is being changed: a stop comes
-    after the apply, its verification and any roll back, never half way."""
+    after the apply, its verification and any roll back, never half way. One
+    that came meanwhile is handled on the way out, inside the `with`, so the
+    caller knows it came after the change. `then`: the handler from there on
+    (a one-off run ignores them once its change is made: it is ending anyway)."""
+
+    def __init__(self, then=None):
+        self.then = then
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -1645,8 +1655,21 @@ class stop_signals_held:  # noqa: N801 (a context manager, used like a function)
             self.held = None
 
     def __exit__(self, *exc):
-        if self.held is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.held)
+        if self.held is None:
+            return
+        pending = [signum for signum in STOP_SIGNALS if signum in signal.sigpending()]
+        for signum in pending:
+            signal.sigtimedwait([signum], 0)  # taken off the queue: handled below, now
+        if self.then is not None:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self.then)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.held)
+        for signum in pending:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 # -- Converge: one path for a one-off run and for every cycle of the watcher. -----
@@ -1784,7 +1807,7 @@ def apply_verified(context, outcome, outputs, record):
         raise ToolError("%s: nothing was changed" % exc)
     failure, stopped = None, False
     try:
-        with stop_signals_held():
+        with stop_signals_held(then=None if context.options.watch else signal.SIG_IGN):
             try:
                 apply_changes(context.programs, changes, context.hooks.fail_after)
                 verify(context, outputs, desired, merged, changes)
@@ -1792,7 +1815,7 @@ def apply_verified(context, outcome, outputs, record):
                 failure = roll_back(context, outcome.owned, record, merged, changes, exc)
             else:
                 keep_record(context, pruned_record(merged, desired, enis))
-    except Stopped:  # let through as the signals are unblocked: the change is complete
+    except Stopped:  # handled as the signals are let through again: the change is complete
         stopped = True
     if failure:
         raise failure
@@ -2716,7 +2739,7 @@ def main(argv=None, fail_after=0):
     except ToolError as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, exc))
         return exc.exit_code
-    except (Stopped, KeyboardInterrupt):  # before any change: a change completes first
+    except (Stopped, KeyboardInterrupt):  # before any change (once made, they are ignored)
         sys.stderr.write("%s: interrupted: nothing was changed\n" % PROG)
         return EXIT_FAILURE
     except Exception as exc:  # a bug or an unforeseen system error: still one line
@@ -2747,17 +2770,12 @@ def execute(context):
     result on stdout, its exit code."""
     outcome = converge(context)
     options = outcome.options
-    try:
-        if options.status:
-            return show_status(options, outcome.enis, outcome.owned, outcome.changes)
-        if options.dry_run:
-            print("\n".join(render(outcome.changes)) if not is_empty(outcome.changes) else "in sync: nothing to do")
-        elif not options.quiet:
-            print(summary(outcome))
-        if outcome.stopped:
-            log.warning("interrupted once the run had completed its change")
-    except Stopped:  # after the change: it is complete
-        pass
+    if options.status:
+        return show_status(options, outcome.enis, outcome.owned, outcome.changes)
+    if options.dry_run:
+        print("\n".join(render(outcome.changes)) if not is_empty(outcome.changes) else "in sync: nothing to do")
+    elif not options.quiet:
+        print(summary(outcome))
     return EXIT_OK
 
 
