@@ -268,8 +268,8 @@ def test_rp_filter_loose_on_every_routed_eni():
 
 def applied():
     system = recorded.system("applied-2eni")
-    record = {"sysctls": {"net/ipv4/conf/eth%d/rp_filter" % n: {"original": "1", "set": "2"}
-                          for n in (0, 1)}}
+    record = mer.record_of({"sysctls": {"net/ipv4/conf/eth%d/rp_filter" % n: {"original": "1", "set": "2"}
+                                        for n in (0, 1)}})
     return system, record, mer.owned_state(system, record)
 
 
@@ -529,7 +529,7 @@ def test_more_enis_than_the_mask_numbers_is_one_clear_error():
 
 def test_remembered_slots_keep_absent_pairs_unless_their_slot_was_given_away():
     enis = enis_of("xen-eth0-eth1")
-    record = {"slots": {"0:5": 7, "0:6": 1}}
+    record = mer.record_of({"slots": {"0:5": 7, "0:6": 1}})
     assert mer.remembered_slots(record, enis) == {"0:0": 0, "0:1": 1, "0:5": 7}
 
 
@@ -587,15 +587,15 @@ def test_same_subnet_enis_are_not_taken_for_routing_each_others_addresses_elsewh
 def test_record_entries_of_a_gone_or_replaced_interface_are_dropped():
     links = recorded.system("xen-eth0-eth1").links
     index = {link.name: link.index for link in links}
-    record = {"sysctls": {"net/ipv4/conf/eth1/rp_filter": {"original": "1", "set": "2", "ifindex": index["eth1"]},
+    record = mer.record_of({"sysctls": {"net/ipv4/conf/eth1/rp_filter": {"original": "1", "set": "2", "ifindex": index["eth1"]},
                           "net/ipv4/conf/eth0/rp_filter": {"original": "0", "set": "2", "ifindex": 99},
                           "net/ipv4/conf/eth7/rp_filter": {"original": "1", "set": "2", "ifindex": 7}},
               "addresses": [["eth1", "203.0.113.11/32", index["eth1"]], ["eth0", "198.51.100.12/32", 99]],
-              "slots": {"0:0": 0}}
+              "slots": {"0:0": 0}})
     live = mer.live_record(record, links)
-    assert list(live["sysctls"]) == ["net/ipv4/conf/eth1/rp_filter"]
-    assert live["addresses"] == [["eth1", "203.0.113.11/32", index["eth1"]]]
-    assert live["slots"] == {"0:0": 0}
+    assert list(live.sysctls) == ["net/ipv4/conf/eth1/rp_filter"]
+    assert live.addresses == (("eth1", "203.0.113.11/32", index["eth1"]),)
+    assert live.slots == {"0:0": 0}
 
 
 def test_the_record_is_named_after_this_namespace_whatever_pid_1_is(monkeypatch):
@@ -608,7 +608,7 @@ def test_the_record_is_named_after_this_namespace_whatever_pid_1_is(monkeypatch)
 
 def test_an_upgrade_replaces_the_state_of_version_1_whole():
     system = recorded.system("applied-v1")
-    owned = mer.owned_state(system, {})
+    owned = mer.owned_state(system, mer.EMPTY_RECORD)
     desired = mer.plan(mer.select_enis(system, recorded.imds("applied-v1")),
                        groups={link.name: link.group for link in system.links})
     commands = mer.render(mer.diff(desired, owned, {}, {}))
@@ -618,7 +618,7 @@ def test_an_upgrade_replaces_the_state_of_version_1_whole():
     assert any("suppress_prefixlength 0" in c for c in deleted)
     assert "ip -4 route del 198.51.100.0/24 via 203.0.113.1 dev eth1 table 22001 proto 231" in commands
     assert "iptables -t mangle -F MULTI-ENI-PREROUTING" in commands
-    desired_now = mer.owned_state(recorded.system("applied-2eni"), {})
+    desired_now = mer.owned_state(recorded.system("applied-2eni"), mer.EMPTY_RECORD)
     assert desired_now.rules == desired.rules and desired_now.routes == desired.routes
     assert desired_now.mangle == desired.mangle and desired_now.groups == desired.groups
 
