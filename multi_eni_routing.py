@@ -17,10 +17,10 @@ its priority and table ranges, its iptables chains, its state file), so a flush
 removes exactly that and nothing else.
 """
 
-import signal
+import _signal  # the built-in half of `signal`: nothing to import before the next line
 
 if __name__ == "__main__":  # SIGINT while starting: ended at once, nothing changed, no traceback
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
 
 import argparse
 import collections
@@ -35,6 +35,7 @@ import os
 import re
 import select
 import shlex
+import signal
 import struct
 import subprocess
 import sys
@@ -277,9 +278,17 @@ Address = collections.namedtuple("Address", "dev cidr")
 OwnedState = collections.namedtuple("OwnedState", "rules routes mangle sysctls addresses groups")
 # Everything discovery read from the system.
 System = collections.namedtuple("System", "links main_routes rules foreign_rules routes mangle sysfs ipv6")
-# The changes to make: `ip` batch lines and iptables-restore lines by family,
-# plus sysctl writes (key, new, old).
-Changes = collections.namedtuple("Changes", "ip iptables sysctls")
+# One command of a plan: `tool` "ip" or "iptables" (its mangle table);
+# `family` 4 or 6, None for a link (family-less); `words` as the batch line
+# has them; `why` a note --dry-run prints (or ""). Rendered to text only at
+# the edge: the batches, --dry-run, the pending lines of --status.
+Command = collections.namedtuple("Command", "tool family words why")
+# A sysctl write, and the value it replaces (to give back on roll back).
+SysctlWrite = collections.namedtuple("SysctlWrite", "key new old")
+# The changes to make: Commands in the order they run within their batch,
+# and SysctlWrites (made once the batches are done).
+Changes = collections.namedtuple("Changes", "commands sysctls")
+NO_CHANGES = Changes((), ())
 
 NO_MANGLE = Mangle((), ())
 NOTHING = OwnedState(frozenset(), frozenset(), {4: NO_MANGLE, 6: NO_MANGLE}, {}, frozenset(),
@@ -330,16 +339,17 @@ def read_outputs(programs, names=ALL_SOURCES):
     return outputs
 
 
+# The READ_COMMANDS whose output a command of each kind can alter.
+SOURCES_OF = {("ip", "rule"): "rule%d", ("ip", "route"): "route%d", ("ip", "address"): "addr",
+              ("ip", "link"): "addr", ("iptables", None): "mangle%d"}
+
+
 def sources_touched(changes):
     """The READ_COMMANDS whose output the changes can alter: verify re-reads only those."""
     names = set()
-    for family in FAMILIES:
-        if changes.ip[family]:
-            names |= {"rule%d" % family, "route%d" % family}
-        if any(line.startswith(("address", "link")) for line in changes.ip[family]):
-            names.add("addr")
-        if changes.iptables[family]:
-            names.add("mangle%d" % family)
+    for command in changes.commands:
+        kind = command.words[0] if command.tool == "ip" else None
+        names.add(SOURCES_OF[command.tool, kind].replace("%d", str(command.family)))
     return names
 
 
@@ -1576,14 +1586,14 @@ def owned_state(system, record):
 # -- Diff (pure): the commands that take the system from current to desired. ------
 
 def diff(desired, current, sysctl_values, originals):
-    """Commands per tool, ordered so that nothing points at what is not there yet:
-    addresses, links, then routes, then rules are added; removals run the other
-    way. Rules are added highest priority first and removed lowest first: the
-    kernel keeps them in a list by priority, so each one is then found near its
-    head."""
-    ip = {}
+    """The Changes, ordered so that nothing points at what is not there yet:
+    addresses, links, then routes, then rules are added; removals run the
+    other way. Rules are added highest priority first and removed lowest
+    first: the kernel keeps them in a list by priority, so each one is then
+    found near its head."""
+    commands = []
     for family in FAMILIES:
-        ip[family] = (
+        commands += (
             [address_command("add", a) for a in sorted(desired.addresses - current.addresses)
              if family_of(a.cidr) == family]
             + (group_commands(desired.groups, current.groups) if family == 4 else [])
@@ -1595,10 +1605,10 @@ def diff(desired, current, sysctl_values, originals):
             + route_removals(desired.routes, current.routes, family)
             + [address_command("del", a) for a in sorted(current.addresses - desired.addresses)
                if family_of(a.cidr) == family])
-    return Changes(
-        ip=ip,
-        iptables={family: mangle_commands(desired.mangle[family], current.mangle[family]) for family in FAMILIES},
-        sysctls=sysctl_writes(desired.sysctls, current.sysctls, sysctl_values, originals))
+    for family in FAMILIES:
+        commands += [Command("iptables", family, tuple(line.split()), "")
+                     for line in mangle_commands(desired.mangle[family], current.mangle[family])]
+    return Changes(tuple(commands), tuple(sysctl_writes(desired.sysctls, current.sysctls, sysctl_values, originals)))
 
 
 def family_of(cidr):
@@ -1637,9 +1647,11 @@ def route_removals(desired, current, family):
 
 
 def group_commands(desired, current):
-    """Links into ENI_GROUP, and back to the default group 0."""
-    return (["link set dev %s group %d" % (name, ENI_GROUP) for name in sorted(desired - current)]
-            + ["link set dev %s group default" % name for name in sorted(current - desired)])
+    """Links into ENI_GROUP, and back to the default group 0 (family-less)."""
+    return ([Command("ip", None, ("link", "set", "dev", name, "group", str(ENI_GROUP)), "")
+             for name in sorted(desired - current)]
+            + [Command("ip", None, ("link", "set", "dev", name, "group", "default"), "")
+               for name in sorted(current - desired)])
 
 
 def rule_command(verb, rule):
@@ -1655,21 +1667,24 @@ def rule_command(verb, rule):
         words += ["suppress_prefixlength", str(rule.suppress_prefixlength)]
     if rule.suppress_ifgroup is not None:
         words += ["suppress_ifgroup", str(rule.suppress_ifgroup)]
-    return " ".join(words + ["protocol", str(RT_PROTO)])
+    return Command("ip", rule.family, tuple(words + ["protocol", str(RT_PROTO)]), "")
 
 
 def route_command(verb, route):
     words = ["route", verb, route.dst]
     if route.gateway:
         words += ["via", route.gateway]
-    return " ".join(words + ["dev", route.dev, "table", str(route.table), "proto", str(RT_PROTO)])
+    return Command("ip", route.family, tuple(words + ["dev", route.dev, "table", str(route.table),
+                                                      "proto", str(RT_PROTO)]), "")
 
 
 def address_command(verb, address):
     # nodad: the VPC already guarantees the address is this ENI's alone;
     # noprefixroute: a /128 needs no route in main (local delivery is in `local`).
-    extra = " nodad noprefixroute" if verb == "add" and family_of(address.cidr) == 6 else ""
-    return "address %s %s dev %s%s" % (verb, address.cidr, address.dev, extra)
+    family = family_of(address.cidr)
+    extra = ("nodad", "noprefixroute") if verb == "add" and family == 6 else ()
+    why = "assigned in IMDS, not configured" if verb == "add" else "added by this tool, no longer assigned"
+    return Command("ip", family, ("address", verb, address.cidr, "dev", address.dev) + extra, why)
 
 
 def mangle_commands(desired, current):
@@ -1701,54 +1716,63 @@ def sysctl_writes(desired, owned, values, originals):
     writes = []
     for key, value in sorted(desired.items()):
         if values.get(key) is not None and values[key] != value:
-            writes.append((key, value, values[key]))
+            writes.append(SysctlWrite(key, value, values[key]))
     for key, ours in sorted(owned.items()):
         original = originals.get(key)
         if key not in desired and values.get(key) == ours and original not in (None, ours):
-            writes.append((key, original, ours))
+            writes.append(SysctlWrite(key, original, ours))
     return writes
 
 
-def annotate(command):
-    if command.startswith("address add"):
-        return command + "  # assigned in IMDS, not configured"
-    if command.startswith("address del"):
-        return command + "  # added by this tool, no longer assigned"
-    return command
-
-
 def is_empty(changes):
-    return not (any(changes.ip.values()) or any(changes.iptables.values()) or changes.sysctls)
+    return not (changes.commands or changes.sysctls)
 
+
+# -- The edge: commands rendered to text, once. -----------------------------------
 
 def render(changes):
-    """The changes as the exact commands, one per line, for --dry-run and logs.
-    Address lines say why, as a shell comment: the tool only adds and removes
-    addresses that IMDS assigns (or assigned) to the ENI."""
-    lines = []
-    for family in FAMILIES:
-        lines += [("ip " if c.startswith("link") else "ip -%d " % family) + annotate(c) for c in changes.ip[family]]
-    lines += ["iptables -t mangle " + c for c in changes.iptables[4]]
-    lines += ["ip6tables -t mangle " + c for c in changes.iptables[6]]
-    lines += ["sysctl -w %s=%s" % (key.replace("/", "."), new) for key, new, _ in changes.sysctls]
-    return lines
+    """The changes as the exact commands, one per line, for --dry-run, --status
+    and errors. Address lines say why, as a shell comment: the tool only adds
+    and removes addresses that IMDS assigns (or assigned) to the ENI."""
+    lines = [shown(command) for command in changes.commands]
+    return lines + ["sysctl -w %s=%s" % (write.key.replace("/", "."), write.new) for write in changes.sysctls]
 
 
-# -- Apply: one batch per tool; the state record; verify; roll back. --------------
+def shown(command):
+    """One command as an admin would type it."""
+    if command.tool == "iptables":
+        prefix = "iptables -t mangle" if command.family == 4 else "ip6tables -t mangle"
+    else:
+        prefix = "ip" if command.family is None else "ip -%d" % command.family
+    return "%s %s%s" % (prefix, " ".join(command.words), "  # " + command.why if command.why else "")
+
+
+def batches(programs, changes):
+    """(argv, stdin) of each batch: ip and iptables-restore per family. Link
+    lines are family-less and go in IPv4's batch, on purpose (`ip -4` does not
+    restrict `link`): a process fewer."""
+    ip = {family: [" ".join(c.words) for c in changes.commands if c.tool == "ip"
+                   and (c.family or 4) == family] for family in FAMILIES}
+    mangle = {family: [" ".join(c.words) for c in changes.commands if c.tool == "iptables"
+                       and c.family == family] for family in FAMILIES}
+    return [(argv, "\n".join(lines) + "\n") for argv, lines in [
+        ([programs["ip"], "-4", "-batch", "-"], ip[4]),
+        ([programs["ip"], "-6", "-batch", "-"], ip[6]),
+        ([programs["iptables-restore"], "-w", "10", "--noflush"], mangle_script(mangle[4])),
+        ([programs["ip6tables-restore"], "-w", "10", "--noflush"], mangle_script(mangle[6])),
+    ] if lines]
+
+
+# -- Apply: one batch per tool; then the sysctls. ---------------------------------
 
 def apply_changes(programs, changes, fail_after=0):
     """Run the batches, ip and iptables-restore per family, all at once (they
     touch independent parts of the kernel, and each is ordered in itself);
     then the sysctls. `fail_after` N > 0 (a test hook) fails the run after its
     Nth step; the batches finish together, so for N up to their number all ran."""
-    batches = [(argv, "\n".join(lines) + "\n") for argv, lines in [
-        ([programs["ip"], "-4", "-batch", "-"], changes.ip[4]),
-        ([programs["ip"], "-6", "-batch", "-"], changes.ip[6]),
-        ([programs["iptables-restore"], "-w", "10", "--noflush"], mangle_script(changes.iptables[4])),
-        ([programs["ip6tables-restore"], "-w", "10", "--noflush"], mangle_script(changes.iptables[6])),
-    ] if lines]
-    run_together(batches)
-    done = len(batches)
+    commands = batches(programs, changes)
+    run_together(commands)
+    done = len(commands)
     if changes.sysctls and not 0 < fail_after <= done:
         write_sysctls(changes.sysctls)
         done += 1
@@ -1763,6 +1787,7 @@ def mangle_script(lines):
 
 
 def write_sysctls(writes):
+    """Write each SysctlWrite's new value."""
     for key, value, _ in writes:
         log.debug("sysctl: %s = %s", key, value)
         with open("/proc/sys/" + key, "w") as handle:
@@ -2033,7 +2058,7 @@ def roll_back(context, before, record, merged, changes, cause):
     try:
         _, system = read_system(context.programs)
         undo = changes_between(before, owned_state(system, merged), merged)
-        apply_changes(context.programs, undo._replace(sysctls=[]))
+        apply_changes(context.programs, undo._replace(sysctls=()))
         for key, new, old in reversed(changes.sysctls):
             give_back_sysctl(key, old)
         _, system = read_system(context.programs)
@@ -2868,9 +2893,10 @@ EPILOG = (
     "unless they go out through an ENI. Everything the tool adds carries its marker: rules and "
     "routes protocol %d (tables %d-%d), link group %d, mangle chains %s and %s, and a state record "
     "for the sysctls it changed and the addresses it added. Flush removes exactly that. Exit codes: "
-    "0 success; 1 failure (nothing changed, or the run was rolled back), or with --status applied "
-    "but stale; 2 bad usage; 3 with --status: nothing applied; 4 not root; 5 a required program "
-    "is missing.")
+    "0 success (also when interrupted once the change was being made: it completes first); 1 failure "
+    "(nothing changed, or the run was rolled back, or the line says what stays, which -f removes), or "
+    "with --status applied but stale; 2 bad usage; 3 with --status: nothing applied; 4 not root; 5 a "
+    "required program is missing.")
 
 
 class UsageError(ToolError):
@@ -2992,7 +3018,8 @@ def build_parser():
                         help="bound on all IMDS requests with retries (default 5); an IMDS that "
                              "does not answer at all is given up on within 2 s")
     parser.add_argument("--mark-mask", type=mark_mask_arg, default=DEFAULT_MARK_MASK, metavar="MASK",
-                        help="connmark bits the tool may use (default %#x)" % DEFAULT_MARK_MASK)
+                        help="connmark bits the tool may use (default %#x): one run of at least two "
+                             "set bits, not all 32" % DEFAULT_MARK_MASK)
     parser.add_argument("--refresh", type=refresh_arg, default=None, metavar="SECONDS",
                         help="with --watch: apply at least this often, even without events "
                              "(default %d; 1 to 86400); IMDS is read in full then when its last "

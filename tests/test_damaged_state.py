@@ -236,3 +236,20 @@ def test_a_full_state_directory_changes_nothing_and_a_flush_still_runs(make_lab,
     assert flushed.rc == 0, flushed.stderr
     assert lab.snapshot() == before  # the sysctls given back too: the record was read
     assert sorted(private_mounts.run("ls", lab.state_dir).stdout.split()) == ["fill", "lock", "probe"]
+
+
+def test_on_a_read_only_state_directory_the_directory_itself_is_locked(tmp_path, monkeypatch):
+    """A flush must run where the lock file cannot be made (EROFS, ENOSPC)."""
+    real_open = os.open
+
+    def read_only(path, flags, *mode):
+        if flags & os.O_CREAT:
+            raise OSError(30, "Read-only file system")
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(mer.os, "open", read_only)
+    with mer.Lock(str(tmp_path)) as lock:
+        assert os.path.samefile("/proc/self/fd/%d" % lock.handle, str(tmp_path))
+        with pytest.raises(mer.ToolError, match="another run holds"):
+            mer.take_lock(str(tmp_path), timeout=0.1)
+    assert lock.handle is None

@@ -122,3 +122,20 @@ def test_flush_with_a_missing_options_file_and_q_is_silent(make_lab, tmp_path):
     flushed = lab.run_tool("--flush", "-q", "--options-file", str(tmp_path / "missing"))
     assert (flushed.rc, flushed.stdout, flushed.stderr) == (0, "", "")
     assert lab.snapshot() == before
+
+
+def test_the_options_record_has_a_field_per_option_and_nothing_changes_it():
+    parser = mer.build_parser()
+    dests = {action.dest for action in parser._actions if action.dest not in ("help", "version")}
+    assert dests == set(mer.Options._fields)
+    options = mer.parse_args(["-x", "a", "-i", "eth0"])
+    with pytest.raises(AttributeError):
+        options.exclude = ("b",)
+    assert options.exclude == ("a",) and isinstance(options.interface, tuple)
+
+
+def test_usage_errors_are_raised_once_as_usage_error_never_exit():
+    with pytest.raises(mer.UsageError, match="unrecognized arguments: --bogus"):
+        mer.parse_args(["--bogus"])
+    with pytest.raises(mer.UsageError, match="--json goes with --status"):
+        mer.parse_args(["--json"])

@@ -24,7 +24,7 @@ def v6(eni):
     return eni.families[6]
 
 
-NO_CHANGES = mer.Changes({4: [], 6: []}, {4: [], 6: []}, [])
+NO_CHANGES = mer.NO_CHANGES
 
 
 # -- Golden plans: the first apply on each recorded instance, command by command. --
@@ -310,12 +310,12 @@ def test_changes_add_before_they_point_and_remove_the_other_way():
     desired = EMPTY._replace(routes=frozenset([new, link]), rules=frozenset([rule]),
                              addresses=frozenset([mer.Address("eth1", "203.0.113.12/32")]))
     current = EMPTY._replace(routes=frozenset([old]), rules=frozenset([gone]))
-    assert mer.diff(desired, current, {}, {}).ip[4] == [
-        "address add 203.0.113.12/32 dev eth1",
-        "route add 203.0.113.0/24 dev eth1 table 22001 proto 231",
-        "route replace default via 203.0.113.254 dev eth1 table 22001 proto 231",
-        "rule add priority 20301 from 203.0.113.10/32 table 22001 protocol 231",
-        "rule del priority 20301 from 203.0.113.11/32 table 22001 protocol 231"]
+    assert mer.render(mer.diff(desired, current, {}, {})) == [
+        "ip -4 address add 203.0.113.12/32 dev eth1  # assigned in IMDS, not configured",
+        "ip -4 route add 203.0.113.0/24 dev eth1 table 22001 proto 231",
+        "ip -4 route replace default via 203.0.113.254 dev eth1 table 22001 proto 231",
+        "ip -4 rule add priority 20301 from 203.0.113.10/32 table 22001 protocol 231",
+        "ip -4 rule del priority 20301 from 203.0.113.11/32 table 22001 protocol 231"]
 
 
 def test_mangle_in_sync_needs_nothing_and_a_duplicate_jump_is_repaired():
@@ -329,7 +329,7 @@ def test_mangle_in_sync_needs_nothing_and_a_duplicate_jump_is_repaired():
 
 def test_ipv6_addresses_are_added_without_dad():
     add = mer.address_command("add", mer.Address("eth1", "2001:db8:b::11/128"))
-    assert add == "address add 2001:db8:b::11/128 dev eth1 nodad noprefixroute"
+    assert " ".join(add.words) == "address add 2001:db8:b::11/128 dev eth1 nodad noprefixroute"
 
 
 def test_status_exit_codes():
@@ -538,7 +538,7 @@ def test_an_ipv6_default_goes_although_the_table_keeps_its_ipv4_default():
     v6_default = mer.Route(6, 22001, "default", "fe80::1", "eth1")
     current = EMPTY._replace(routes=frozenset([v4_default, v6_default]))
     changes = mer.diff(EMPTY._replace(routes=frozenset([v4_default])), current, {}, {})
-    assert changes.ip == {4: [], 6: ["route del default via fe80::1 dev eth1 table 22001 proto 231"]}
+    assert mer.render(changes) == ["ip -6 route del default via fe80::1 dev eth1 table 22001 proto 231"]
 
 
 def test_interfaces_with_unsafe_names_are_skipped_or_refused(capsys):
