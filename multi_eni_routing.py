@@ -2873,6 +2873,9 @@ def sd_notify(message):
     import socket
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # A receiver that does not read (its queue full) never stops the
+            # watcher: a STATUS is dropped at once, READY and STOPPING wait 2 s.
+            sock.settimeout(0 if message.startswith("STATUS=") else 2.0)
             sock.sendto(message.encode("utf-8", "replace"), address)
     except OSError as exc:
         log.debug("sd_notify: %s", exc)

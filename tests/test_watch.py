@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -233,6 +234,15 @@ def test_sd_notify_reaches_an_abstract_socket(monkeypatch):
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
         mer.sd_notify("STATUS=in sync")
         assert sock.recv(4096) == b"STATUS=in sync"
+
+
+def test_sd_notify_to_a_receiver_that_does_not_read_never_blocks_the_watcher(notify_socket):
+    """It blocked the watcher for good once the queue was full (a status per converge)."""
+    started = time.monotonic()
+    for number in range(100):
+        mer.sd_notify("STATUS=converge %d" % number)
+    assert time.monotonic() - started < 2.0
+    assert notify_socket.recv(4096) == b"STATUS=converge 0"
 
 
 def test_sd_notify_without_systemd_does_nothing(monkeypatch):
@@ -747,6 +757,97 @@ def test_the_metrics_file_counts_failed_converges(make_lab, watching):
     assert samples[("multi_eni_routing_converge_failures_total", ())] >= 1
     assert samples[("multi_eni_routing_last_converge_success", ())] == 0
     assert "apply failed" in watcher.messages[0]
+
+
+def state_record(lab):
+    """The state record's data (one namespace: one record)."""
+    paths = list(Path(lab.state_dir).glob("state*.json"))
+    assert len(paths) == 1, paths
+    return json.loads(paths[0].read_text())
+
+
+def ifindex(lab, name):
+    return json.loads(_run(["ip", "-n", lab.instance, "-j", "link", "show", name]).stdout)[0]["ifindex"]
+
+
+def renumbered(data, old, new):
+    """`data` with the integer `old` (an ifindex) replaced by `new` wherever it is a value."""
+    if isinstance(data, dict):
+        return {key: renumbered(value, old, new) for key, value in data.items()}
+    if isinstance(data, list):
+        return [renumbered(value, old, new) for value in data]
+    return new if data == old and isinstance(data, int) and not isinstance(data, bool) else data
+
+
+class Probe:
+    """A TCP exchange with `address` every 0.5 s from the client, in a thread."""
+
+    def __init__(self, lab, address):
+        self.lab, self.address, self.results, self.running = lab, address, [], True
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while self.running:
+            started = time.monotonic()
+            self.results.append(self.lab.tcp_ok(self.lab.client, self.address, timeout=0.45))
+            time.sleep(max(0.0, started + 0.5 - time.monotonic()))
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+        return self.results
+
+
+def routing_difference(before, after):
+    """What differs between two routing() results, for a message."""
+    return {key: ("gone: %s" % sorted(set(before[key]) - set(after[key])),
+                  "new: %s" % sorted(set(after[key]) - set(before[key])))
+            for key in before if before[key] != after[key]}
+
+
+def test_eni_churn_loses_nothing_of_another_eni_and_leaves_nothing_behind(make_lab, watching):
+    """30 detach/attach cycles of eth2, 2 s apart (ECS awsvpc tasks): eth1
+    answers throughout, and after the churn the rules, routes and state record
+    are what they were before it; also when eth2 comes back as eth9."""
+    lab = make_lab(enis=3, configure_secondaries=False)  # eth2's secondary added from IMDS, recorded
+    eth2 = lab.enis[2]
+    apply_once(lab)
+    lab.detach_eni(eth2)
+    lab.attach_eni(eni=eth2)  # without the watcher: nothing routes it again
+    assert not lab.tcp_ok(lab.client, eth2.addresses4[1], timeout=1)
+
+    watcher = watching(lab).ready()
+    watcher.settle()
+    applied, record, index = routing(lab), state_record(lab), ifindex(lab, eth2.name)
+    assert "eth2" in json.dumps(record)
+    probe = Probe(lab, lab.enis[1].addresses4[0])
+    for _ in range(30):
+        lab.detach_eni(eth2)
+        watcher.statuses_during(1.0)  # read, as systemd does
+        lab.attach_eni(eni=eth2)
+        watcher.statuses_during(1.0)
+    try:
+        wait_for(lambda: routing(lab) == applied, 5.0, what="the routing as before the churn")
+    except AssertionError:
+        raise AssertionError("after the churn: %s\n%s" % (routing_difference(applied, routing(lab)),
+                                                           watcher.output()[-2000:]))
+    results = probe.stop()
+    assert len(results) >= 100 and all(results), "%d of %d probes lost" % (results.count(False), len(results))
+    watcher.settle()
+    assert routing(lab) == applied
+    assert state_record(lab) == renumbered(record, index, ifindex(lab, eth2.name))
+    assert lab.tcp_ok(lab.client, eth2.addresses4[1])
+
+    lab.detach_eni(eth2)  # and back under another name (a udev rename)
+    eth2.name = "eth9"
+    lab.attach_eni(eni=eth2)
+    renamed = {key: sorted(line.replace("eth2", "eth9") for line in lines) for key, lines in applied.items()}
+    wait_for(lambda: routing(lab) == renamed, 5.0, what="the routing as before, with eth9 for eth2")
+    watcher.settle()
+    expected = json.loads(json.dumps(renumbered(record, index, ifindex(lab, "eth9"))).replace("eth2", "eth9"))
+    assert state_record(lab) == expected
+    assert lab.tcp_ok(lab.client, eth2.addresses4[1])
 
 
 def test_idle_it_costs_under_half_a_second_of_cpu_per_10_s_and_under_40_mb(make_lab, watching):
