@@ -2825,15 +2825,10 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     def write(self, imds_counts):
-        temporary = "%s.%d.tmp" % (self.path, os.getpid())
         try:
-            with open(temporary, "w") as handle:
-                handle.write(self.text(imds_counts))
-            os.replace(temporary, self.path)
+            write_atomically(self.path, self.text(imds_counts))
             self.complained = False
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
             if not self.complained:  # once until it works again, not on every converge
                 log.warning("cannot write the metrics file %s: %s", self.path, exc.strerror or exc)
                 self.complained = True
@@ -2997,12 +2992,14 @@ def build_parser():
                         help="show what is applied per ENI; exit 0 in sync, 1 stale, 3 not applied")
     action.add_argument("--watch", action="store_true",
                         help="apply, then stay in the foreground and apply again within seconds "
-                             "whenever a link, an address, a gateway or one of the tool's rules or "
-                             "routes changes (kernel netlink messages), and every --refresh seconds "
-                             "(which also asks IMDS for addresses assigned or unassigned in EC2); "
-                             "a failed apply is retried with backoff. SIGTERM or SIGINT ends it "
-                             "(exit 0) leaving the routing applied. Tells systemd (Type=notify) "
-                             "when the first apply is done")
+                             "whenever a link that may be an ENI, its address, a gateway or one of "
+                             "the tool's rules or routes changes (kernel netlink messages; veths, "
+                             "bridges and other virtual links are ignored), when IMDS lists other "
+                             "ENIs or addresses (--imds-poll), and every --refresh seconds; a "
+                             "failed apply is retried with backoff. An ENI named with -i that is "
+                             "gone does not stop it. SIGTERM or SIGINT ends it (exit 0) leaving the "
+                             "routing applied. Tells systemd (Type=notify) when the first apply is "
+                             "done, and in its status line what is not routed and why")
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="print the commands apply (or flush, with -f) would run, change nothing")
     parser.add_argument("--json", action="store_true", help="with --status: machine-readable output")
@@ -3018,8 +3015,10 @@ def build_parser():
                         help="route only the addresses configured on the interfaces; do not add "
                              "the secondary addresses IMDS lists")
     parser.add_argument("--imds-timeout", type=seconds_arg, default=5.0, metavar="SECONDS",
-                        help="bound on all IMDS requests with retries (default 5); an IMDS that "
-                             "does not answer at all is given up on within 2 s")
+                        help="one deadline over IMDS's whole answer: connecting, the token, "
+                             "every request with its retries, every byte (default 5); an IMDS that "
+                             "does not answer at all is given up on within 2 s. Asked before the "
+                             "lock is taken: a flush never waits on it")
     parser.add_argument("--mark-mask", type=mark_mask_arg, default=DEFAULT_MARK_MASK, metavar="MASK",
                         help="connmark bits the tool may use (default %#x): one run of at least two "
                              "set bits, not all 32" % DEFAULT_MARK_MASK)

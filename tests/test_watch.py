@@ -196,6 +196,10 @@ def test_failures_back_off_exponentially_up_to_a_cap_and_events_do_not_shorten_i
     (["--daemon", "--pidfile", "/run/x.pid"], "--daemon goes with --watch"),
     (["--watch", "--dry-run"], "does not go with --dry-run"),
     (["--watch", "--flush"], "not allowed with argument --watch"),
+    (["--imds-poll", "5"], "--imds-poll goes with --watch"),
+    (["--watch", "--imds-poll", "0.5"], "give 0 (never) or 1 <= SECONDS <= 86400"),
+    (["--watch", "--imds-poll", "nan"], "give 0 (never) or 1 <= SECONDS <= 86400"),
+    (["--metrics-file", "m.prom"], "--metrics-file goes with --watch"),
 ])
 def test_watch_options_are_checked(argv, error, capsys):
     assert mer.main(argv) == mer.EXIT_USAGE
@@ -206,6 +210,9 @@ def test_watch_options_defaults():
     args = mer.parse_args(["--watch", "--pidfile", "x.pid"])
     assert args.refresh == 60 and not args.daemon and args.pidfile == os.path.abspath("x.pid")
     assert mer.parse_args(["--watch", "--refresh", "2.5"]).refresh == 2.5
+    assert args.imds_poll == mer.IMDS_POLL_DEFAULT < 10 and args.metrics_file is None
+    given = mer.parse_args(["--watch", "--imds-poll", "0", "--metrics-file", "m.prom"])
+    assert (given.imds_poll, given.metrics_file) == (0, os.path.abspath("m.prom"))
 
 
 @pytest.fixture
