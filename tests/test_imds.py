@@ -323,3 +323,36 @@ def test_a_refused_eni_stops_the_others_retrying(imds):
     error, elapsed = fetch(imds(meta, mac_404_first={mac_of(2): 10 ** 9})(timeout=5.0))
     assert isinstance(error, mer.ImdsError) and "not a key listing" in str(error)
     assert elapsed < 1
+
+
+# -- the watcher's poll: one request per ENI plus one, the token used again --
+
+def test_the_poll_costs_one_request_per_eni_plus_one_and_no_token(imds):
+    enis = [typical_eni(number) for number in range(15)]
+    client = imds(instance(enis))
+    session = mer.ImdsSession()
+    answer = mer.fetch_imds(mer.ImdsClient(5.0, ("127.0.0.1",), client().port, session=session))
+    before = len(imds.requests())
+    assert mer.imds_unchanged(mer.ImdsClient(5.0, ("127.0.0.1",), client().port, session=session), answer)
+    polled = imds.requests()[before:]
+    assert len(polled) == 16 and not [r for r in polled if r["method"] == "PUT"]
+    assert all(r["token"] and r["status"] == 200 for r in polled)
+    assert session.counts["requests"] == len(imds.requests())
+
+    enis[3]["local-ipv4s"] += "\n198.18.3.99"  # an address assigned in EC2
+    imds(instance(enis))
+    assert not mer.imds_unchanged(mer.ImdsClient(5.0, ("127.0.0.1",), client().port, session=session), answer)
+    del enis[3]  # an ENI detached
+    imds(instance(enis))
+    assert not mer.imds_unchanged(mer.ImdsClient(5.0, ("127.0.0.1",), client().port, session=session), answer)
+
+
+def test_a_token_imds_no_longer_takes_is_asked_for_again_next_time(imds):
+    client = imds()
+    session = mer.ImdsSession()
+    mer.fetch_imds(mer.ImdsClient(5.0, ("127.0.0.1",), client().port, session=session))
+    session.token = "stale"  # IMDS restarted: it knows the token no more
+    error, _ = fetch(mer.ImdsClient(5.0, ("127.0.0.1",), client().port, session=session))
+    assert isinstance(error, mer.ImdsError) and "401" in str(error)
+    answer, _ = fetch(mer.ImdsClient(5.0, ("127.0.0.1",), client().port, session=session))
+    assert answer.primary_mac == PRIMARY
