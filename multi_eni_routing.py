@@ -278,17 +278,6 @@ Address = collections.namedtuple("Address", "dev cidr")
 OwnedState = collections.namedtuple("OwnedState", "rules routes mangle sysctls addresses groups")
 # Everything discovery read from the system.
 System = collections.namedtuple("System", "links main_routes rules foreign_rules routes mangle sysfs ipv6")
-# One command of a plan: `tool` "ip" or "iptables" (its mangle table);
-# `family` 4 or 6, None for a link (family-less); `words` as the batch line
-# has them; `why` a note --dry-run prints (or ""). Rendered to text only at
-# the edge: the batches, --dry-run, the pending lines of --status.
-Command = collections.namedtuple("Command", "tool family words why")
-# A sysctl write, and the value it replaces (to give back on roll back).
-SysctlWrite = collections.namedtuple("SysctlWrite", "key new old")
-# The changes to make: Commands in the order they run within their batch,
-# and SysctlWrites (made once the batches are done).
-Changes = collections.namedtuple("Changes", "commands sysctls")
-NO_CHANGES = Changes((), ())
 
 NO_MANGLE = Mangle((), ())
 NOTHING = OwnedState(frozenset(), frozenset(), {4: NO_MANGLE, 6: NO_MANGLE}, {}, frozenset(),
@@ -1584,6 +1573,19 @@ def owned_state(system, record):
 
 
 # -- Diff (pure): the commands that take the system from current to desired. ------
+
+# One command of a plan: `tool` "ip" or "iptables" (its mangle table);
+# `family` 4 or 6, None for a link (family-less); `words` as the batch line
+# has them; `why` a note --dry-run prints (or ""). Rendered to text only at
+# the edge: the batches, --dry-run, the pending lines of --status.
+Command = collections.namedtuple("Command", "tool family words why")
+# A sysctl write, and the value it replaces (to give back on roll back).
+SysctlWrite = collections.namedtuple("SysctlWrite", "key new old")
+# The changes to make: Commands in the order they run within their batch,
+# and SysctlWrites (made once the batches are done).
+Changes = collections.namedtuple("Changes", "commands sysctls")
+NO_CHANGES = Changes((), ())
+
 
 def diff(desired, current, sysctl_values, originals):
     """The Changes, ordered so that nothing points at what is not there yet:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from lab import TOOL_MARKERS, snapshot_diff
+from recorded import mer
 
 ARGS = ("-i", "eth0", "-i", "eth1", "--no-imds")
 
@@ -146,3 +147,43 @@ def test_an_eni_detached_mid_run_gives_no_false_rolled_back(make_lab, tmp_path):
     flushed = lab.run_tool("-f", "--no-imds")
     assert flushed.rc == 0, flushed.stderr
     assert marked(lab.snapshot()) == []
+
+
+# -- Unit: what a roll back says is what it did. ------------------------------------
+
+def left_with(rules):
+    """A System with these rules of the tool's and nothing else."""
+    return mer.System(links=[], main_routes=[], rules=list(rules), foreign_rules=[], routes=[],
+                      mangle={4: mer.NO_MANGLE, 6: mer.NO_MANGLE}, sysfs={}, ipv6=True)
+
+
+def roll_back_message(monkeypatch, tmp_path, system, apply):
+    monkeypatch.setattr(mer, "read_system", lambda programs, sources=None, earlier=None: ({}, system))
+    monkeypatch.setattr(mer, "apply_changes", apply)
+    options = mer.parse_args(["--state-dir", str(tmp_path)])
+    context = mer.Context(options, {}, str(tmp_path / "state.json"), mer.Lock(str(tmp_path)), mer.NO_HOOKS)
+    return str(mer.roll_back(context, mer.NOTHING, mer.EMPTY_RECORD, mer.EMPTY_RECORD, mer.NO_CHANGES,
+                             mer.ToolError("ip exited 2: Cannot find device")))
+
+
+def test_a_roll_back_that_leaves_something_says_what_stays_and_that_a_flush_removes_it(monkeypatch, tmp_path):
+    stays = mer.rule(4, 20001, 22001, fwmark="0x200/0x3f00")
+    message = roll_back_message(monkeypatch, tmp_path, left_with([stays]), lambda programs, changes: None)
+    assert message == ("ip exited 2: Cannot find device; not rolled back in full, what stays: ip -4 rule del "
+                       "priority 20001 fwmark 0x200/0x3f00 table 22001 protocol 231; multi-eni-routing -f "
+                       "removes it")
+
+
+def test_a_roll_back_that_fails_never_says_rolled_back(monkeypatch, tmp_path):
+    def failing(programs, changes):
+        raise mer.CommandError(["ip", "-4", "-batch", "-"], 2, "RTNETLINK answers: No such device")
+
+    message = roll_back_message(monkeypatch, tmp_path, left_with([]), failing)
+    assert "rolled back to" not in message
+    assert message.startswith("ip exited 2: Cannot find device; the roll back failed too (ip -4 -batch - exited 2")
+    assert message.endswith("what this run changed may stay; multi-eni-routing -f removes it")
+
+
+def test_a_roll_back_that_leaves_nothing_says_so(monkeypatch, tmp_path):
+    message = roll_back_message(monkeypatch, tmp_path, left_with([]), lambda programs, changes: None)
+    assert message == "ip exited 2: Cannot find device; rolled back to the state before the run"
