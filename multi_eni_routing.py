@@ -2689,7 +2689,8 @@ class Watcher:
                     schedule.event(time.monotonic())
                     unseen = events.view.eni_macs() - self.macs_seen
                     if unseen and not self.rediscover:
-                        log.info("a link that may be an ENI is new (%s): IMDS is read again", ", ".join(sorted(unseen)))
+                        log.info("a link that may be an ENI is new (%s): IMDS is read again",
+                                 ", ".join(sorted(unseen)))
                         self.rediscover = True
 
     def read_events(self, events, poller):
@@ -2760,6 +2761,11 @@ def daemonize(pidfile, code):
     return None
 
 
+# What the metrics say of one ENI: routed (1) or not (0), its addresses by
+# family, when the last converge that covered it ended and whether it succeeded.
+EniMetrics = collections.namedtuple("EniMetrics", "routed ipv4 ipv6 time success")
+
+
 class Metrics:
     """The watcher's metrics in Prometheus text format, for node_exporter's
     textfile collector: the whole file written anew after every converge, to
@@ -2769,25 +2775,27 @@ class Metrics:
         self.path = path
         self.converges = self.failures = 0
         self.last = None  # (time, success) of the last converge
-        self.enis = {}  # (interface, mac) -> (routed, IPv4 and IPv6 address counts, time, success)
+        self.enis = {}  # (interface, mac) -> EniMetrics
         self.complained = False
 
     def converged(self, outcome, imds_counts):
         now = time.time()
         self.converges += 1
         self.last = (now, 1)
-        self.enis = {(eni.name, eni.mac): (1, len(eni.families[4].addresses), len(eni.families[6].addresses),
-                                           now, 1) for eni in outcome.enis}
+        self.enis = {(eni.name, eni.mac): EniMetrics(1, len(eni.families[4].addresses),
+                                                     len(eni.families[6].addresses), now, 1)
+                     for eni in outcome.enis}
         for note in outcome.notes:
-            self.enis[(note.interface, note.mac)] = (0, 0, 0, now, 1)
+            self.enis[(note.interface, note.mac)] = EniMetrics(0, 0, 0, now, 1)
         self.write(imds_counts)
 
     def failed(self, imds_counts):
+        """A failed converge: every ENI it covered has that result now."""
         now = time.time()
         self.converges += 1
         self.failures += 1
         self.last = (now, 0)
-        self.enis = {key: value[:3] + (now, 0) for key, value in self.enis.items()}
+        self.enis = {key: value._replace(time=now, success=0) for key, value in self.enis.items()}
         self.write(imds_counts)
 
     def text(self, imds_counts):
@@ -2802,17 +2810,16 @@ class Metrics:
                 lines.append("multi_eni_routing_%s%s %s" % (name, "{%s}" % label_text if labels else "",
                                                             repr(float(value)) if isinstance(value, float) else value))
 
-        enis = sorted(self.enis.items())
-        eni_labels = [(("interface", name), ("mac", mac)) for (name, mac), _ in enis]
+        enis = [((("interface", name), ("mac", mac)), value) for (name, mac), value in sorted(self.enis.items())]
         family("eni_routed", "gauge", "1 if the ENI is routed, 0 if it is named or listed but not routed.",
-               [(labels, value[0]) for labels, (_, value) in zip(eni_labels, enis)])
+               [(labels, value.routed) for labels, value in enis])
         family("eni_addresses", "gauge", "Addresses routed through the ENI, by family.",
-               [(labels + (("family", "ipv%d" % f),), value[1 if f == 4 else 2])
-                for labels, (_, value) in zip(eni_labels, enis) for f in FAMILIES])
+               [(labels + (("family", family_name),), getattr(value, family_name))
+                for labels, value in enis for family_name in ("ipv4", "ipv6")])
         family("eni_last_converge_timestamp_seconds", "gauge", "When the last converge that covered the ENI ended.",
-               [(labels, value[3]) for labels, (_, value) in zip(eni_labels, enis)])
+               [(labels, value.time) for labels, value in enis])
         family("eni_last_converge_success", "gauge", "1 if the last converge that covered the ENI succeeded.",
-               [(labels, value[4]) for labels, (_, value) in zip(eni_labels, enis)])
+               [(labels, value.success) for labels, value in enis])
         if self.last:
             family("last_converge_timestamp_seconds", "gauge", "When the last converge ended.", [((), self.last[0])])
             family("last_converge_success", "gauge", "1 if the last converge succeeded.", [((), self.last[1])])
@@ -2827,11 +2834,12 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     def write(self, imds_counts):
+        """Write the file; a failure is said once, until writing works again."""
         try:
             write_atomically(self.path, self.text(imds_counts))
             self.complained = False
         except OSError as exc:
-            if not self.complained:  # once until it works again, not on every converge
+            if not self.complained:
                 log.warning("cannot write the metrics file %s: %s", self.path, exc.strerror or exc)
                 self.complained = True
 
