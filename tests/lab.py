@@ -521,6 +521,24 @@ class Namespaces:
     def _ns(self, role):
         return "mer-%s-%s" % (self.id, role)
 
+    def __enter__(self):
+        try:
+            self.build()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.teardown()
+
+    def build(self):
+        """Create the namespaces and what lives in them (in subclasses)."""
+
+    def teardown(self):
+        """Remove everything, also after a failed build; never raises."""
+        self.remove_namespaces()
+
     def _add_namespace(self, ns):
         _run(["ip", "netns", "add", ns])
         self.namespaces.append(ns)
@@ -617,17 +635,6 @@ class Lab(Namespaces):
 
     # -- lifecycle --
 
-    def __enter__(self):
-        try:
-            self.build()
-        except BaseException:
-            self.teardown()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.teardown()
-
     def build(self):
         for ns in [self.instance, self.router, self.client, self.peer, self.container, self.vpn]:
             if ns:
@@ -658,7 +665,7 @@ class Lab(Namespaces):
                 thing.close()
         with contextlib.suppress(Exception):
             self.imds.stop()
-        self.remove_namespaces()
+        super().teardown()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def _add_namespace(self, ns):
