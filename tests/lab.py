@@ -410,9 +410,8 @@ class Imds:
             "instance-id": INSTANCE_ID,
             "local-ipv4": enis[0].addresses4[0] if enis else "",
             "mac": enis[0].mac if enis else "",
-            "network": {"interfaces": {"macs": {eni.mac: eni_metadata(eni, self.lab.multi_card,
-                                                                              self.lab.vpc_cidrs)
-                                                for eni in enis}}},
+            "network": {"interfaces": {"macs": {
+                eni.mac: eni_metadata(eni, self.lab.multi_card, self.lab.vpc_cidrs) for eni in enis}}},
         }
         for path, body in self.overrides.items():
             *parents, leaf = path.strip("/").split("/")
