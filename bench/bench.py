@@ -741,7 +741,7 @@ def print_table(header, rows):
         print(line(row))
 
 
-def check_targets(results, fixed):
+def check_targets(results):
     by_size = {tuple(r["dims"]): r for r in results}
     big, ref = by_size.get(TARGET_SIZE), by_size.get(LINEAR_REFERENCE)
     targets = []
@@ -928,7 +928,7 @@ def main(argv=None):
         len(floor["python -c pass"]["samples"]),
         ", ".join("%s %s" % (k, fmt(v["median"])) for k, v in floor.items())))
     report(results, fixed, fixed_label)
-    targets = check_targets(results, fixed)
+    targets = check_targets(results)
     print()
     for t in targets:
         print("%-4s  %-52s  %s" % (t["result"], t["target"], target_value(t)))
