@@ -1215,13 +1215,16 @@ def wait_for(condition, timeout, what="the condition", interval=0.1):
 
 
 def eventually(condition, timeout=10.0, interval=0.1):
-    """True once CONDITION holds within TIMEOUT seconds, else False: wait_for
-    for `assert eventually(...), "why"`."""
-    try:
-        wait_for(condition, timeout, interval=interval)
-    except AssertionError:
-        return False
-    return True
+    """CONDITION's last value: true once it held within TIMEOUT seconds, else
+    false. wait_for for `assert eventually(...), "why"`."""
+    last = [None]
+
+    def remembered():
+        last[0] = condition()
+        return last[0]
+    with contextlib.suppress(AssertionError):
+        wait_for(remembered, timeout, interval=interval)
+    return last[0]
 
 
 def cpu_ticks(pid):
