@@ -397,6 +397,25 @@ def test_install_now_passes_every_check_and_status_names_netutils(booted):
     assert [line for line in now["addresses"].splitlines()] == before["addresses"].splitlines()
 
 
+def test_with_net_utils_ignore_the_container_check_fails_again(booted):
+    """The rule ahead of net-utils is what fixes the container's replies: without
+    it (--net-utils ignore) the tool's own rules come too late for them."""
+    machine, lab, version, before = booted
+    options = "/etc/default/multi-eni-routing"
+    good = machine.sh("cat %s" % options).stdout
+    try:
+        machine.sh("printf '%%s\\n' '--net-utils ignore' >>%s && systemctl restart %s" % (options, UNIT))
+        container = ["container to a host service on %s" % a for a in lab.enis[1].addresses4]
+        wait_for(lambda: failing(lab) == container, 15, "only the container checks failing: %s" % failing(lab))
+        assert "9900:" not in machine.sh("ip rule").stdout
+        assert "--net-utils ignore: nothing done" in machine.sh("multi-eni-routing.py --status").stdout
+    finally:
+        machine.sh("cat >%s <<'EOF'\n%sEOF" % (options, good))
+    machine.sh("systemctl restart %s" % UNIT)
+    wait_for(lambda: not failing(lab), 15, "every check passing with coexist again: still failing %s"
+             % failing(lab))
+
+
 def test_netutils_refresh_and_networkd_reload_keep_every_check_passing(booted):
     machine, lab, version, before = booted
     machine.sh("systemctl start refresh-policy-routes@eth1.service", check=False)
