@@ -408,7 +408,8 @@ def test_with_net_utils_ignore_the_container_check_fails_again(booted):
         container = ["container to a host service on %s" % a for a in lab.enis[1].addresses4]
         wait_for(lambda: failing(lab) == container, 15, "only the container checks failing: %s" % failing(lab))
         assert "9900:" not in machine.sh("ip rule").stdout
-        assert "--net-utils ignore: nothing done" in machine.sh("multi-eni-routing.py --status").stdout
+        assert "--net-utils ignore: nothing done" in machine.sh(
+            "multi-eni-routing.py --options-file %s --status" % options).stdout
     finally:
         machine.sh("cat >%s <<'EOF'\n%sEOF" % (options, good))
     machine.sh("systemctl restart %s" % UNIT)
