@@ -39,7 +39,6 @@ state byte-identical (rules, routes of every table, addresses, links, sysctls,
 mangle, and its files in /run)."""
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -123,6 +122,16 @@ def test_coexist_adds_exactly_one_rule_ahead_of_netutils_and_flush_removes_it():
     assert mer.rule_command("del", ahead) in flush.ip[4]
     # one ENI: no policy routing, so nothing to put ahead of net-utils either
     assert mer.plan(enis[:1], ahead_of_netutils=True).rules == frozenset()
+
+
+def test_coexist_puts_the_rule_ahead_in_each_family_the_tool_routes():
+    enis = two_enis()
+    v6 = mer.EniFamily(("2001:db8:b::10",), (), (mer.ipaddress.ip_network("2001:db8:b::/64"),), "fe80::1", (), ())
+    enis[1] = enis[1]._replace(families={4: enis[1].families[4], 6: v6})
+    enis[0] = enis[0]._replace(families={4: enis[0].families[4], 6: v6._replace(
+        addresses=("2001:db8:a::10",), subnets=(mer.ipaddress.ip_network("2001:db8:a::/64"),))})
+    ahead = {r.family for r in mer.plan(enis, ahead_of_netutils=True).rules if r.priority == mer.PRIO_NETUTILS}
+    assert ahead == {4, 6}
 
 
 def test_status_says_netutils_is_present_and_what_the_tool_does():
@@ -370,6 +379,7 @@ def booted(request):
         yield machine, lab, version, state(lab, machine)
 
 
+@pytest.mark.root
 def test_netutils_alone_fails_the_container_checks(booted):
     machine, lab, version, before = booted
     print(machine.sh("ip rule; ip route show table 10001").stdout)
@@ -377,6 +387,7 @@ def test_netutils_alone_fails_the_container_checks(booted):
     assert "proto 231" not in "".join(before.values())
 
 
+@pytest.mark.root
 def test_install_now_passes_every_check_and_status_names_netutils(booted):
     machine, lab, version, before = booted
     result = machine.sh("cd %s && sh install.sh --now" % SRC)
@@ -397,6 +408,7 @@ def test_install_now_passes_every_check_and_status_names_netutils(booted):
     assert [line for line in now["addresses"].splitlines()] == before["addresses"].splitlines()
 
 
+@pytest.mark.root
 def test_with_net_utils_ignore_the_container_check_fails_again(booted):
     """The rule ahead of net-utils is what fixes the container's replies: without
     it (--net-utils ignore) the tool's own rules come too late for them."""
@@ -417,6 +429,7 @@ def test_with_net_utils_ignore_the_container_check_fails_again(booted):
              % failing(lab))
 
 
+@pytest.mark.root
 def test_netutils_refresh_and_networkd_reload_keep_every_check_passing(booted):
     machine, lab, version, before = booted
     machine.sh("systemctl start refresh-policy-routes@eth1.service", check=False)
@@ -429,6 +442,7 @@ def journal(machine):
                       "-u 'refresh-policy-routes@*' | tail -40" % UNIT, check=False).stdout
 
 
+@pytest.mark.root
 def test_stop_leaves_netutils_state_byte_identical(booted):
     machine, lab, version, before = booted
     machine.sh("systemctl stop %s" % UNIT)
@@ -439,6 +453,7 @@ def test_stop_leaves_netutils_state_byte_identical(booted):
     wait_for(lambda: not failing(lab), 15, "every check passing after start")
 
 
+@pytest.mark.root
 def test_uninstall_leaves_netutils_state_byte_identical(booted):
     machine, lab, version, before = booted
     machine.sh("cd %s && sh install.sh --uninstall" % SRC)
