@@ -443,6 +443,29 @@ def journal(machine):
 
 
 @pytest.mark.root
+def test_reboot_with_both_starting_on_their_own(booted):
+    """At boot the tool and net-utils start in no particular order (the units
+    net-utils' udev command enabled start again here; the command is run once
+    more, as udev's coldplug would): the tool adds no address of its own that
+    net-utils configures too, and its rule ahead of net-utils is back."""
+    machine, lab, version, before = booted
+    assert machine.poweroff(), "the container did not power off in time"
+    for eni in lab.enis:  # as the instance's ENIs come up at boot: DHCP's to configure
+        lab.run(lab.instance, "ip", "-4", "addr", "flush", "dev", eni.name)
+    machine.boot()
+    wait_for(lambda: machine.sh("systemctl is-active %s" % UNIT, check=False).stdout.strip() == "active", 60,
+             "the service after the reboot")
+    wait_for(lambda: "9900:" in machine.sh("ip rule").stdout, 30, "the rule ahead of net-utils after the reboot")
+    trigger_netutils(machine)
+    wait_for(lambda: netutils_done(machine, lab), 90, "net-utils configuring eth1 after the reboot")
+    wait_for(lambda: not failing(lab), 30, "every check passing after the reboot: still failing %s"
+             % failing(lab))
+    status = machine.sh("multi-eni-routing.py --status").stdout
+    assert "(added from IMDS)" not in status, status
+    assert "9900:" in machine.sh("ip rule").stdout
+
+
+@pytest.mark.root
 def test_stop_leaves_netutils_state_byte_identical(booted):
     machine, lab, version, before = booted
     machine.sh("systemctl stop %s" % UNIT)
