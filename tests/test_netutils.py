@@ -148,6 +148,14 @@ def test_status_says_netutils_is_present_and_what_the_tool_does():
         == "amazon-ec2-net-utils: not found"
 
 
+def test_status_text_names_netutils_right_after_the_state_line(capsys):
+    found = mer.NetUtils(True, mer.NETUTILS_PROGRAM, 0)
+    mer.print_status(mer.status_report([], mer.NOTHING, mer.Changes({4: [], 6: []}, {4: [], 6: []}, []), found))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "multi-eni-routing: not applied"
+    assert lines[1].startswith("amazon-ec2-net-utils: present (/usr/bin/setup-policy-routes); --net-utils coexist")
+
+
 def test_net_utils_option_takes_coexist_or_ignore(tmp_path):
     assert mer.parse_args([]).net_utils == "coexist"
     options = tmp_path / "options"
