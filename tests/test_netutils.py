@@ -175,8 +175,8 @@ def amazon_source():
     cached = fresh_root.CACHE / (SOURCE_TARBALL % NETUTILS_VERSION)
     if cached.is_file():
         return str(cached), ""
-    snapshot = os.environ.get("MER_NETUTILS_GIT", "/work/.mirror/amazonlinux+amazon-ec2-net-utils/repo")
-    if not os.path.isdir(snapshot):
+    snapshot = os.environ.get("MER_NETUTILS_GIT", "")  # a bare clone or snapshot of its repository
+    if not snapshot or not os.path.isdir(snapshot):
         return None, ("Amazon's amazon-ec2-net-utils %s source is not here: neither MER_NETUTILS_SOURCE, nor %s, "
                       "nor a git snapshot at MER_NETUTILS_GIT (CI reaches only package registries)"
                       % (NETUTILS_VERSION, cached))
