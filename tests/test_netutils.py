@@ -55,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fresh_root  # noqa: E402
 import lab as lablib  # noqa: E402
 from recorded import mer  # noqa: E402
-from test_boot import NSPAWN_STATE, SRC, SUITE, UNIT, Machine, cannot_boot, wait_for  # noqa: E402
+from lab import wait_for  # noqa: E402
+from test_boot import NSPAWN_STATE, SRC, SUITE, UNIT, Machine, cannot_boot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ENI_NAMES = ("eth0", "eth1")
