@@ -18,16 +18,17 @@ removes exactly that and nothing else.
 """
 
 import _signal  # the built-in half of `signal`: nothing to import before the next line
+import gc
 
-if __name__ == "__main__":  # SIGINT while starting: ended at once, nothing changed, no traceback
-    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+if __name__ == "__main__":
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # SIGINT while starting: ended, nothing changed
+    gc.disable()  # from the start, imports included: see run_as_program()
 
 import argparse
 import collections
 import contextlib
 import errno
 import fcntl
-import gc
 import ipaddress
 import json
 import os
