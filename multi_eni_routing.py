@@ -2418,9 +2418,9 @@ class KernelView:
     """The links and addresses as the messages so far described them; tells
     which message changes them (a lease renewed, a flag we do not read: no)."""
 
-    def __init__(self, may_be_eni=lambda state: True):
+    def __init__(self, candidate=lambda state: True):
         self.links, self.addresses = {}, set()
-        self.may_be_eni = may_be_eni
+        self.candidate = candidate  # may_be_eni(), with the watcher's options
 
     def changes(self, event):
         """Whether `event` changes what discovery would read; records it. A link
@@ -2435,7 +2435,7 @@ class KernelView:
                 self.addresses = {a for a in self.addresses if a[0] != event.key}
             else:
                 self.links[event.key] = event.state
-            return any(state and self.may_be_eni(state) for state in (before, event.state))
+            return any(state and self.candidate(state) for state in (before, event.state))
         if event.kind == "address":
             known = event.key in self.addresses
             if event.state:
@@ -2443,13 +2443,13 @@ class KernelView:
             else:
                 self.addresses.discard(event.key)
             link = self.links.get(event.key[0])
-            return known != bool(event.state) and (link is None or self.may_be_eni(link))
+            return known != bool(event.state) and (link is None or self.candidate(link))
         return True  # a rule or route of ours removed, a gateway changed
 
     def eni_macs(self):
         """The MACs of the links that may be ENIs, as IMDS writes them."""
         return {":".join("%02x" % byte for byte in state[1]) for state in self.links.values()
-                if state[1] and self.may_be_eni(state)}
+                if state[1] and self.candidate(state)}
 
     def describe(self, event):
         if event.kind == "link":
@@ -2469,10 +2469,10 @@ class KernelView:
 class NetlinkWatch:
     """The rtnetlink socket, and the view of links and addresses it keeps."""
 
-    def __init__(self, may_be_eni=lambda state: True):
+    def __init__(self, candidate=lambda state: True):
         self.sock = None
-        self.may_be_eni = may_be_eni
-        self.view = KernelView(may_be_eni)
+        self.candidate = candidate
+        self.view = KernelView(candidate)
         self.open()
 
     def open(self):
@@ -2499,7 +2499,7 @@ class NetlinkWatch:
 
     def resync(self):
         """Read all links and addresses anew (at start and after an overrun)."""
-        self.view = KernelView(self.may_be_eni)
+        self.view = KernelView(self.candidate)
         for request in (RTM_GETLINK, RTM_GETADDR):
             for event in dump(request):
                 self.view.changes(event)
@@ -2776,10 +2776,11 @@ class Watcher:
             return ["netlink error"]
 
 
-def open_netlink(may_be_eni_link):
-    """The NetlinkWatch of the watcher, or a ToolError saying why not."""
+def open_netlink(candidate):
+    """The NetlinkWatch of the watcher (`candidate`: which links may be ENIs),
+    or a ToolError saying why not."""
     try:
-        return NetlinkWatch(may_be_eni_link)
+        return NetlinkWatch(candidate)
     except OSError as exc:
         raise ToolError("cannot watch the kernel's routing messages (netlink): %s" % (exc.strerror or exc))
 

@@ -286,7 +286,7 @@ def test_a_failing_converge_is_reported_and_scheduled_never_raised(monkeypatch, 
 class NoNetlink:
     """Stands in for the netlink socket: these tests never listen to the host."""
 
-    def __init__(self, may_be_eni=None):
+    def __init__(self, candidate=None):
         self.opened = True
 
     def close(self):
