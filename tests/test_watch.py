@@ -565,6 +565,7 @@ def test_an_address_assigned_in_imds_only_answers_within_10_s(make_lab, watching
     lab.add_address(eni, "203.0.113.21", on_instance=False)  # no event: only the poll finds it
     took = wait_for(lambda: lab.tcp_ok(lab.client, "203.0.113.21", timeout=0.3), 12.0, interval=0,
                     what="the address assigned in IMDS answering")
+    print("an address assigned in IMDS only answered after %.1f s" % took)
     assert took < 10.0, "answered after %.1f s" % took
     watcher.settle()  # its own address addition caused one follow-up converge, then quiet
     assert watcher.statuses_during(3.0) == []
@@ -581,6 +582,8 @@ def test_at_15_enis_it_asks_imds_under_2_times_a_second(make_lab, watching):
     assert polled > 0, "no poll at all"
     # polls, plus the full read every IMDS_REDISCOVER seconds
     average = polled + first / mer.IMDS_REDISCOVER
+    print("15 ENIs: %.2f IMDS requests/s polling, a full read %d requests: %.2f/s on average"
+          % (polled, first, average))
     assert average <= 2.0, "%.2f requests/s (%.2f polling, a full read is %d)" % (average, polled, first)
     assert first <= 15 * 5 + 3
 
