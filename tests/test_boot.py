@@ -43,7 +43,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fresh_root  # noqa: E402
-from lab import CLIENT4, DNAT_PORT, ECHO_PORT, Lab, lab_usable, normalized_iptables, snapshot_diff  # noqa: E402
+from lab import (CLIENT4, DNAT_PORT, ECHO_PORT, Lab, lab_usable, normalized_iptables,  # noqa: E402
+                 snapshot_diff, tool_lines)
 
 pytestmark = pytest.mark.root
 
@@ -54,9 +55,10 @@ OPTIONS = "/etc/default/multi-eni-routing"
 UNIT = "multi-eni-routing.service"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Paths whose content changes by itself while a machine runs (logs, caches,
-# systemd's own state), or that are the test's (the clone).
+# systemd's and the network stacks' own state: NetworkManager's, dhclient's
+# leases), or that are the test's (the clone).
 VOLATILE = ["/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp", "/var/log", "/var/cache",
-            "/var/lib/systemd", "/var/lib/dbus", SRC]
+            "/var/lib/systemd", "/var/lib/dbus", "/var/lib/NetworkManager", "/var/lib/dhcp", SRC]
 
 
 def cannot_boot():
@@ -353,6 +355,8 @@ def prepare(root, lab, stack=None):
         for name in ("iptables", "ip6tables"):
             subprocess.run(["chroot", str(root), "update-alternatives", "--quiet", "--set", name,
                             "/usr/sbin/%s-legacy" % name], check=True, capture_output=True)
+    # a persistent journal: what happened at a shutdown can be read afterwards
+    (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
     (root / "usr/sbin/policy-rc.d").unlink()  # a booted machine starts its services
     clone = root / SRC.lstrip("/")
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, capture_output=True)
@@ -413,8 +417,12 @@ def state(machine, lab):
     """lab.snapshot() and the tables of the machine's own iptables backend,
     read with the host's iptables-legacy-save or iptables-nft-save in the lab
     namespace (the host's iptables-save shows only nft; this works also while
-    the machine is powered off)."""
+    the machine is powered off). Routes sorted: the kernel lists a table's
+    routes in the order they were added, which a stack's own reconfiguration
+    (ifdown/ifup) changes."""
     snap = lab.snapshot()
+    for key in ("ip route", "ip -6 route"):
+        snap[key] = "".join(sorted(snap[key].splitlines(True)))
     for save in ("iptables", "ip6tables"):
         program = "%s-%s-save" % (save, machine.stack.iptables)
         snap["machine " + program] = normalized_iptables(lab.run(lab.instance, program).stdout)
@@ -437,7 +445,9 @@ def wait_for(condition, seconds, what):
 
 
 def file_list(machine):
-    prune = " -o ".join("-path %s" % path for path in VOLATILE)
+    """Every path of the machine but VOLATILE ones and Python's byte-code
+    caches (netplan's Python writes them when it first runs)."""
+    prune = " -o ".join(["-path %s" % path for path in VOLATILE] + ["-name __pycache__"])
     return set(machine.sh("find / -xdev \\( %s \\) -prune -o -print" % prune).stdout.splitlines())
 
 
@@ -519,11 +529,11 @@ def first_answer_after(lab, started, seconds):
 @contextlib.contextmanager
 def pause_watcher(machine):
     """The watcher stopped (SIGSTOP) inside the block."""
-    machine.sh("systemctl kill -s SIGSTOP %s" % UNIT)
+    machine.sh("systemctl kill --kill-who=main -s SIGSTOP %s" % UNIT)
     try:
         yield
     finally:
-        machine.sh("systemctl kill -s SIGCONT %s" % UNIT)
+        machine.sh("systemctl kill --kill-who=main -s SIGCONT %s" % UNIT)
 
 
 def test_the_stacks_own_reconfiguration_is_healed_within_2_s(booted):
@@ -643,9 +653,18 @@ def test_a_failed_apply_does_not_block_start_and_is_retried_in_sight(booted):
 def reboot(machine, lab, before):
     """Power off (the routing removed: the state before the install), boot, wait for network-online."""
     assert machine.poweroff(), "the container did not power off in time"
-    same_state(machine, lab, before)
+    # (not the state before the install: ifupdown, say, removes its addresses at shutdown)
+    left = tool_lines(state(machine, lab))
+    assert left == [], "the shutdown left routing of the tool: %s\n%s" % (left, journal_of_last_boot(machine))
     machine.boot()
     wait_online(machine)
+
+
+def journal_of_last_boot(machine):
+    """The machine's journal (persistent: see prepare) of its last boot, read from the host."""
+    return subprocess.run(["journalctl", "-D", str(machine.root / "var/log/journal"), "-b", "-0", "-q",
+                           "--no-pager", "-o", "short-monotonic"],
+                          capture_output=True, text=True).stdout[-6000:]
 
 
 def test_reboot_applies_again_without_a_manual_step(booted):
@@ -695,6 +714,37 @@ def test_the_first_packet_from_a_secondary_address_at_network_online_gets_out(bo
           % (machine.stack.name, results.count("ok"), BOOTS, results))
     assert results == ["ok"] * BOOTS
     wait_for(lambda: not failing(lab), 15, "every check passing after the boots: %s" % failing(lab))
+
+
+IMDS_TIMEOUT = 5.0  # the tool's --imds-timeout default: the bound of the first attempt's IMDS requests
+APPLY_MARGIN = 2.0  # the apply itself and a loaded 2-core machine
+
+
+def monotonic_usec(machine, unit, prop):
+    return int(machine.sh("systemctl show -p %s --value %s" % (prop, unit)).stdout.strip())
+
+
+def test_a_silent_imds_delays_network_online_only_boundedly(booted):
+    """IMDS drops every packet (as when it is disabled, or behind a hop limit):
+    network-online.target is still reached, at most --imds-timeout plus the
+    apply after the stack's wait-online service, and the unit is active.
+    When IMDS answers again, every address answers."""
+    machine, lab, before, _ = booted
+    lab.imds.go_silent()
+    try:
+        reboot(machine, lab, before)
+        waited = (monotonic_usec(machine, "network-online.target", "ActiveEnterTimestampMonotonic")
+                  - monotonic_usec(machine, machine.stack.wait_online, "ActiveEnterTimestampMonotonic")) / 1e6
+        status = machine.sh("systemctl show -p StatusText --value %s" % UNIT).stdout.strip()
+        print("%s, IMDS silent: network-online reached %.2f s after %s; the unit: %s"
+              % (machine.stack.name, waited, machine.stack.wait_online, status))
+        assert active(machine) == "active"
+        assert waited <= IMDS_TIMEOUT + APPLY_MARGIN
+    finally:
+        lab.imds.silent4 = lab.imds.silent6 = False
+        lab._apply_source_checks()
+    machine.sh("systemctl restart %s" % UNIT)  # rather than wait for the retry's backoff
+    wait_for(lambda: not failing(lab), 15, "every check passing with IMDS back: %s" % failing(lab))
 
 
 def test_uninstall_leaves_the_machine_as_before_the_install(booted):
