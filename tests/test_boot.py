@@ -86,8 +86,9 @@ NSPAWN_STATE = "/run/systemd/nspawn"
 class Machine:
     """ROOT booted by systemd-nspawn in the network namespace NETNS."""
 
-    def __init__(self, root, netns, log):
+    def __init__(self, root, netns, log, stack=None):
         self.root, self.netns, self.log = root, netns, log
+        self.stack = stack or STACKS[0]  # the network stack that configures its ENIs
         self.nspawn = None
         self.pid1 = None
 
@@ -386,8 +387,7 @@ def booted(request):
         root = resources.enter_context(fresh_root.extracted(SUITE, stack.flavour))
         prepare(root, lab, stack)
         log = resources.enter_context(tempfile.NamedTemporaryFile("w+", prefix="mer-nspawn-", suffix=".log"))
-        machine = Machine(root, lab.instance, log)
-        machine.stack = stack
+        machine = Machine(root, lab.instance, log, stack)
         resources.callback(machine.kill)
         resources.callback(machine.poweroff)
         try:
@@ -460,12 +460,18 @@ def active(machine):
     return machine.sh("systemctl is-active %s" % UNIT, check=False).stdout.strip()
 
 
+def unit_journal(machine, lines=40):
+    """The unit's last journal lines, for an assertion's message."""
+    return machine.sh("journalctl -q --no-pager -o short-monotonic -n %d -u %s" % (lines, UNIT),
+                      check=False).stdout
+
+
 def every_path_works(lab):
     """{check: ok} of everything that must work with the routing in place."""
     secondary = lab.enis[1].addresses4[0]
     reach = lab.reachability(lab.addresses())
     out = lab.paths([(a, CLIENT4) for a in lab.addresses()])
-    checks = {"%s answers from outside (%s)" % (a, "ICMP+TCP"): r.icmp and r.tcp for a, r in reach.items()}
+    checks = {"%s answers from outside (ICMP+TCP)" % a: r.icmp and r.tcp for a, r in reach.items()}
     checks.update({"outbound from %s" % s: r.icmp and r.tcp for (s, _), r in out.items()})
     checks["DNAT'd container on %s:%d" % (lab.dnat_address, DNAT_PORT)] = lab.tcp_ok(
         lab.client, lab.dnat_address, DNAT_PORT, timeout=1)
@@ -489,7 +495,7 @@ def test_install_now_routes_every_address(booted):
     result = machine.sh("cd %s && sh install.sh --now" % SRC)
     print(result.stdout + result.stderr)
     assert "enabled %s" % UNIT in result.stdout
-    assert active(machine) == "active"
+    assert active(machine) == "active", unit_journal(machine)
     wait_for(lambda: not failing(lab), 10, "every check passing: %s" % failing(lab))
     assert lab.tcp_ok(lab.client, secondary)
     status = machine.sh("systemctl show -p StatusText --value %s" % UNIT).stdout
@@ -583,7 +589,7 @@ def eventually_false(condition, seconds):
 def test_systemctl_stop_restores_the_state_before_the_install(booted):
     machine, lab, before, _ = booted
     machine.sh("systemctl stop %s" % UNIT)
-    assert active(machine) == "inactive"
+    assert active(machine) == "inactive", unit_journal(machine)
     same_state(machine, lab, before)
     machine.sh("systemctl start %s" % UNIT)
     wait_for(lambda: all_answer(lab), 10, "every address answering after start")
@@ -591,13 +597,13 @@ def test_systemctl_stop_restores_the_state_before_the_install(booted):
 
 def test_sysv_script_stops_through_systemd(booted):
     machine, lab, before, _ = booted
-    assert active(machine) == "active"
+    assert active(machine) == "active", unit_journal(machine)
     result = machine.sh("/etc/init.d/multi-eni-routing stop")
     assert "systemctl stop %s" % UNIT in result.stdout
-    assert active(machine) == "inactive"
+    assert active(machine) == "inactive", unit_journal(machine)
     same_state(machine, lab, before)
     result = machine.sh("/etc/init.d/multi-eni-routing start")
-    assert active(machine) == "active"
+    assert active(machine) == "active", unit_journal(machine)
     wait_for(lambda: all_answer(lab), 10, "every address answering after the SysV start")
     assert machine.sh("/etc/init.d/multi-eni-routing status").returncode == 0
 
@@ -636,7 +642,7 @@ def test_a_failed_apply_does_not_block_start_and_is_retried_in_sight(booted):
                ">%s/fail.conf && systemctl daemon-reload" % (dropin, dropin))
     try:
         machine.sh("systemctl start %s" % UNIT)  # returns: ready after the first attempt
-        assert active(machine) == "active"
+        assert active(machine) == "active", unit_journal(machine)
         status = lambda: machine.sh("systemctl show -p StatusText --value %s" % UNIT).stdout.strip()
         first = status()
         assert first.startswith("apply failed: ") and "retrying in" in first, first
@@ -738,7 +744,7 @@ def test_a_silent_imds_delays_network_online_only_boundedly(booted):
         status = machine.sh("systemctl show -p StatusText --value %s" % UNIT).stdout.strip()
         print("%s, IMDS silent: network-online reached %.2f s after %s; the unit: %s"
               % (machine.stack.name, waited, machine.stack.wait_online, status))
-        assert active(machine) == "active"
+        assert active(machine) == "active", unit_journal(machine)
         assert waited <= IMDS_TIMEOUT + APPLY_MARGIN
     finally:
         lab.imds.silent4 = lab.imds.silent6 = False
