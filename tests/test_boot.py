@@ -83,18 +83,42 @@ def cannot_boot():
 NSPAWN_STATE = "/run/systemd/nspawn"
 
 
+# The cgroup hierarchies systemd-nspawn puts a container in (hybrid: the
+# named systemd one and the unified one; pure cgroup v2: the one).
+CGROUP_HIERARCHIES = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified")
+CGROUP_V2 = "/sys/fs/cgroup"
+
+
+def cgroup_hierarchies():
+    found = [h for h in CGROUP_HIERARCHIES if os.path.exists(h + "/cgroup.procs")]
+    return found or ([CGROUP_V2] if os.path.exists(CGROUP_V2 + "/cgroup.controllers") else [])
+
+
 class Machine:
-    """ROOT booted by systemd-nspawn in the network namespace NETNS."""
+    """ROOT booted by systemd-nspawn in the network namespace NETNS.
+
+    nspawn with --keep-unit puts the container's cgroups under its own, as
+    `payload/`: started from the same cgroup (here every process is in the
+    root one), two containers would share /payload/system.slice/..., and one
+    stopping a unit would kill the other's processes of the same unit. So
+    each machine's nspawn runs in a cgroup of its own (mer-nspawn-NETNS in
+    each hierarchy), removed by kill()."""
 
     def __init__(self, root, netns, log, stack=None):
         self.root, self.netns, self.log = root, netns, log
         self.stack = stack or STACKS[0]  # the network stack that configures its ENIs
         self.nspawn = None
         self.pid1 = None
+        self.cgroups = [os.path.join(h, "mer-nspawn-" + netns) for h in cgroup_hierarchies()]
 
     def boot(self, timeout=90):
+        for cgroup in self.cgroups:
+            os.makedirs(cgroup, exist_ok=True)
+        # the shell moves itself into the cgroups, then becomes nspawn (same pid)
+        enter = "".join('echo $$ >"%s/cgroup.procs" && ' % cgroup for cgroup in self.cgroups)
         self.nspawn = subprocess.Popen(
-            ["systemd-nspawn", "-b", "-D", str(self.root), "--register=no", "--keep-unit",
+            ["/bin/sh", "-c", enter + 'exec "$@"', "sh",
+             "systemd-nspawn", "-b", "-D", str(self.root), "--register=no", "--keep-unit",
              "--network-namespace-path=/run/netns/" + self.netns, "--private-network",
              "--console=pipe"], stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -164,12 +188,28 @@ class Machine:
         return self.nspawn is not None and self.nspawn.poll() is None
 
     def kill(self):
+        """Kill the container if it still runs, and remove its cgroups."""
         if self.running():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.nspawn.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.nspawn.wait(timeout=20)
         self.pid1 = None
+        if not self.running():
+            self.remove_cgroups()
+
+    def remove_cgroups(self, timeout=10):
+        """rmdir the machine's cgroups, deepest first (the kernel frees those
+        of processes just killed a moment later)."""
+        deadline = time.monotonic() + timeout
+        for cgroup in self.cgroups:
+            while os.path.isdir(cgroup):
+                for path, _, _ in os.walk(cgroup, topdown=False):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(path)
+                if time.monotonic() > deadline:
+                    raise AssertionError("cannot remove the cgroup %s" % cgroup)
+                time.sleep(0.1) if os.path.isdir(cgroup) else None
 
 
 class Stack(NamedTuple):
