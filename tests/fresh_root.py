@@ -59,6 +59,10 @@ FLAVOURS = {
 }
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BUILD_TIMEOUT = 1200
+# amazon-ec2-net-utils (tests/test_netutils.py): Debian's package of it, or only
+# what Amazon's source (installed into the root at test time) needs besides.
+FLAVOURS["netutils-debian"] = FLAVOURS["systemd"] + ["amazon-ec2-net-utils", "curl"]
+FLAVOURS["netutils-source"] = FLAVOURS["systemd"] + ["curl"]
 
 
 def nested_reason():

@@ -43,8 +43,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fresh_root  # noqa: E402
-from lab import (CLIENT4, DNAT_PORT, ECHO_PORT, Lab, lab_usable, normalized_iptables,  # noqa: E402
-                 snapshot_diff, tool_lines)
+from lab import (CLIENT4, DNAT_PORT, ECHO_PORT, Lab, eventually, lab_usable,  # noqa: E402
+                 normalized_iptables, snapshot_diff, tool_lines, wait_for)
 
 pytestmark = pytest.mark.root
 
@@ -475,15 +475,6 @@ def same_state(machine, lab, before):
     assert now == before, snapshot_diff(before, now)
 
 
-def wait_for(condition, seconds, what):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %d s waiting for %s" % (seconds, what))
-        time.sleep(0.2)
-    return True
-
-
 def file_list(machine):
     """Every path of the machine but VOLATILE ones and Python's byte-code
     caches (netplan's Python writes them when it first runs)."""
@@ -561,17 +552,6 @@ def test_the_unit_runs_sandboxed(booted):
     assert "CapBnd:\t0000000000003000" in status and "NoNewPrivs:\t1" in status, status
 
 
-def first_answer_after(lab, started, seconds):
-    """Seconds from STARTED to the start of the first probe round in which
-    every address answered; None if none did within SECONDS."""
-    while time.monotonic() - started < seconds + 1:
-        probe = time.monotonic()
-        if all_answer(lab):
-            return probe - started
-        time.sleep(0.05)
-    return None
-
-
 @contextlib.contextmanager
 def pause_watcher(machine):
     """The watcher stopped (SIGSTOP) inside the block."""
@@ -592,7 +572,7 @@ def test_the_stacks_own_reconfiguration_is_healed_within_2_s(booted):
         with pause_watcher(machine):
             for command in commands:
                 machine.sh(command)
-            if eventually_false(lambda: lab.tcp_ok(lab.client, secondary, timeout=0.5), 5):
+            if eventually(lambda: not lab.tcp_ok(lab.client, secondary, timeout=0.5), 5):
                 time.sleep(2)  # and it stays broken
                 assert not lab.tcp_ok(lab.client, secondary, timeout=0.5)
                 broke.append(label)
@@ -603,27 +583,15 @@ def test_the_stacks_own_reconfiguration_is_healed_within_2_s(booted):
         since = machine.sh("sleep 1; date +%s").stdout.strip()
         for command in commands:
             machine.sh(command)
-        healed = first_answer_after(lab, time.monotonic(), 2)
-        print("%s %s: every address answering again after %s s (without the watcher it %s)"
-              % (machine.stack.name, label, "%.2f" % healed if healed is not None else "more than 2",
-                 "broke eth1" if label in broke else "broke nothing"))
-        assert healed is not None and healed < 2, "%s not healed within 2 s" % label
+        healed = wait_for(lambda: all_answer(lab), 2, "every address answering within 2 s of %s" % label)
+        print("%s %s: every address answering again after %.2f s (without the watcher it %s)"
+              % (machine.stack.name, label, healed, "broke eth1" if label in broke else "broke nothing"))
         if label in broke:
             wait_for(lambda: "applied:" in machine.sh("journalctl -q -o cat -u %s --since @%s"
                                                       % (UNIT, since)).stdout, 10, "the repair's log line")
         assert not failing(lab), failing(lab)
     assert broke, "no reconfiguration of %s broke the routing without the watcher: the test shows nothing" % (
         machine.stack.name)
-
-
-def eventually_false(condition, seconds):
-    """True once CONDITION is false, within SECONDS; else False."""
-    deadline = time.monotonic() + seconds
-    while condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_systemctl_stop_restores_the_state_before_the_install(booted):
