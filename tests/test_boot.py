@@ -550,6 +550,10 @@ def test_the_unit_runs_sandboxed(booted):
     pid = machine.sh("systemctl show -p MainPID --value %s" % UNIT).stdout.strip()
     status = machine.sh("grep -E '^(CapBnd|NoNewPrivs)' /proc/%s/status" % pid).stdout
     assert "CapBnd:\t0000000000003000" in status and "NoNewPrivs:\t1" in status, status
+    # its file system: read-only but for /proc/sys/net and /run
+    mounts = {mount: machine.sh("awk '$5 == \"%s\" {print $6}' /proc/%s/mountinfo" % (mount, pid)).stdout.split(",")[0]
+              for mount in ("/", "/proc/sys/net", "/run")}
+    assert mounts == {"/": "ro", "/proc/sys/net": "rw", "/run": "rw"}, mounts
 
 
 @contextlib.contextmanager
