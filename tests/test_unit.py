@@ -387,6 +387,9 @@ def test_an_upgrade_from_the_layout_before_issue_16_replaces_it_and_converges():
         "ip -4 rule del priority 20001 fwmark 0x200/0x3f00 table 22001 protocol 231"]
     now = mer.owned_state(recorded.system("applied-2eni"), {})  # what the new layout reads back as
     assert now.mangle == desired.mangle and now.rules == desired.rules
+    flush = mer.render(mer.diff(EMPTY, owned, {}, {}))  # a flush of the old layout removes all of it
+    assert {"iptables -t mangle -X MULTI-ENI-OUTPUT", "iptables -t mangle -X MULTI-ENI-PREROUTING"} <= set(flush)
+    assert set(old_jumps) <= set(flush)
 
 
 def test_flush_removes_the_tools_rules_in_the_hooks_and_its_chain():
