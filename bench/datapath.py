@@ -22,6 +22,9 @@ in each of these arms, the same routing (the tool's rules and routes) in all:
   none     no mangle rule of the tool's at all
   old      the layout before issue 16 (every packet jumps into the per-ENI
            chain; `--no-old` leaves this arm out)
+  floor    two rules in mangle PREROUTING that match nothing (the number the
+           tool's layout makes a packet of a known connection meet there):
+           what any two rules cost, whatever they do (`--no-floor`: left out)
 
 Conntrack is in use in every arm, as on any host with Docker or a stateful
 firewall: a filter rule `-A INPUT -m conntrack --ctstate INVALID -j DROP` is
@@ -56,6 +59,9 @@ TARGETS = {"pps first": 0.98, "pps last": 0.98, "tcp": 0.99}  # chains/none, che
 OLD_MASK = 0x3F00  # the layout before issue 16 used the default mask
 CONNTRACK_RULE = "-A INPUT -m conntrack --ctstate INVALID -j DROP"
 CHAIN = "MULTI-ENI-PREROUTING"
+# Two rules every packet evaluates and none matches (no such connection mark):
+# the tool's layout makes a packet of a known connection meet two in PREROUTING.
+INERT = ["-A PREROUTING -m connmark --mark 0x1234/0xffff", "-A PREROUTING -m connmark --mark 0x1235/0xffff"]
 EMPTY_MANGLE = ["*mangle", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
                 ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]"]
 
@@ -66,6 +72,7 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=7, help="rounds, each arm once per round (default 7, >= 5)")
     parser.add_argument("--seconds", type=int, default=3, help="seconds per iperf3 run (default 3)")
     parser.add_argument("--no-old", action="store_true", help="leave out the arm with the layout before issue 16")
+    parser.add_argument("--no-floor", action="store_true", help="leave out the arm with two rules that match nothing")
     parser.add_argument("--json", metavar="FILE", help="also write every sample and the ratios to FILE")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -107,6 +114,8 @@ class Bench:
         self.arms = {"chains": tool, "none": "\n".join(EMPTY_MANGLE + ["COMMIT", ""])}
         if not self.args.no_old:
             self.arms["old"] = "\n".join(old_mangle(lab.enis))
+        if not self.args.no_floor:
+            self.arms["floor"] = "\n".join(EMPTY_MANGLE + INERT + ["COMMIT", ""])
         for name, address in self.targets.items():
             self.servers.append(subprocess.Popen(
                 ["ip", "netns", "exec", lab.instance, "iperf3", "-s", "-B", address, "-p",
