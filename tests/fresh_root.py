@@ -50,6 +50,10 @@ FLAVOURS = {
 }
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BUILD_TIMEOUT = 1200
+# amazon-ec2-net-utils (tests/test_netutils.py): Debian's package of it, or only
+# what Amazon's source (installed into the root at test time) needs besides.
+FLAVOURS["netutils-debian"] = FLAVOURS["systemd"] + ["amazon-ec2-net-utils", "curl"]
+FLAVOURS["netutils-source"] = FLAVOURS["systemd"] + ["curl"]
 
 
 def nested_reason():
@@ -259,7 +263,7 @@ def main(argv):
     if len(argv) >= 2 and argv[0] == "build":
         print(tarball(argv[1], *argv[2:3]))
         return 0
-    sys.stderr.write("usage: fresh_root.py readme-tests [SUITE] | build SUITE [minbase|systemd]\n")
+    sys.stderr.write("usage: fresh_root.py readme-tests [SUITE] | build SUITE [FLAVOUR]\n")
     return 2
 
 

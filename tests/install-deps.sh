@@ -25,6 +25,7 @@ debootstrap
 systemd-container
 docker.io
 busybox-static
+make
 "
 # Installed where the distribution has them: the docker command is in
 # docker-cli from Debian 13 on (docker.io only recommends it).
