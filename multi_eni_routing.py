@@ -1918,8 +1918,11 @@ def apply_verified(context, outcome, outputs, record):
                 apply_changes(context.programs, changes, context.hooks.fail_after)
                 verify(context, outputs, desired, merged, changes)
             except (ToolError, OSError) as exc:
-                failure = roll_back(context, outcome.owned, record, merged, changes, exc)
-            else:
+                if context.options.flush:
+                    failure = flush_again(context, merged, exc)
+                else:
+                    failure = roll_back(context, outcome.owned, record, merged, changes, exc)
+            if not failure:
                 keep_record(context, pruned_record(merged, desired, enis))
     except Stopped:  # handled as the signals are let through again: the change is complete
         stopped = True
@@ -1965,6 +1968,24 @@ def roll_back(context, before, record, merged, changes, cause):
                          % (cause, "; ".join(render(left)), PROG))
     keep_record(context, record)
     return ToolError("%s; rolled back to the state before the run" % cause)
+
+
+def flush_again(context, merged, cause):
+    """A flush that failed half way (another program removed one of the tool's
+    rules meanwhile, say) is not rolled back: that would put the routing back
+    on a stop. What is left is read again and removed once more; None when
+    nothing stays, else the ToolError that says what does."""
+    try:
+        _, system = read_system(context.programs)
+        apply_changes(context.programs, changes_between(NOTHING, owned_state(system, merged), merged))
+        _, system = read_system(context.programs)
+        left = changes_between(NOTHING, owned_state(system, merged), merged)
+    except (ToolError, OSError) as exc:
+        return ToolError("%s; flushing again failed too (%s): run %s -f again" % (cause, exc, PROG))
+    if not is_empty(left):
+        return ToolError("%s; what stays: %s; run %s -f again" % (cause, "; ".join(render(left)), PROG))
+    log.warning("%s; flushed on a second attempt", cause)
+    return None
 
 
 def give_back_sysctl(key, value):
