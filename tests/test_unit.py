@@ -24,7 +24,7 @@ def v6(eni):
     return eni.families[6]
 
 
-NO_CHANGES = mer.Changes({4: [], 6: []}, {4: [], 6: []}, [])
+NO_CHANGES = mer.NO_CHANGES
 
 
 # -- Golden plans: an apply on each recorded instance as it is, command by command:
@@ -60,7 +60,10 @@ def test_only_the_tools_own_rules_routes_and_chains_are_read_as_owned():
     applied = recorded.system("applied-2eni")
     assert {r.priority for r in applied.rules} == {20000, 20001, 20200, 20300, 20301}
     assert {r.table for r in applied.routes} == {22000, 22001}
-    assert dict(applied.mangle[4].chains).keys() == {mer.CHAIN_PREROUTING, mer.CHAIN_OUTPUT}
+    assert dict(applied.mangle[4].chains).keys() == {mer.CHAIN_PREROUTING}
+    assert [j.split(" ")[0] for j in applied.mangle[4].jumps] == ["OUTPUT", "PREROUTING", "PREROUTING"]
+    old = recorded.system("applied-v2")  # the layout before issue 16: both chains are the tool's
+    assert dict(old.mangle[4].chains).keys() == {mer.CHAIN_PREROUTING, mer.CHAIN_OUTPUT}
     assert {link.name for link in applied.links if link.group == mer.ENI_GROUP} == {"eth0", "eth1"}
 
 
@@ -234,23 +237,35 @@ def test_marks_stay_inside_the_mask_and_clear_of_other_users():
     for rule in desired.rules:
         if rule.fwmark:
             value, mask = (int(x, 16) for x in rule.fwmark.split("/"))
-            assert mask == mer.DEFAULT_MARK_MASK and value & ~mask == 0 and value
+            assert mask == 0xFFFFFFFF  # exactly the ENI's mark: no foreign mark selects its table
+            assert value & ~mer.DEFAULT_MARK_MASK == 0 and value and value != mer.DEFAULT_MARK_MASK
             assert not value & (0x4000 | 0x8000 | 0x80 | 0xFFFF0000)
 
 
 def test_a_custom_mark_mask_is_used_and_one_too_small_is_refused():
     enis = enis_of("nitro-ens5-ens6-ens7")
     assert {r.fwmark for r in mer.plan(enis, 0xF0000).rules if r.fwmark} == {
-        "0x10000/0xf0000", "0x20000/0xf0000", "0x30000/0xf0000"}
-    assert mer.mark_capacity(0x300) == 3 and mer.mark_capacity(mer.DEFAULT_MARK_MASK) == 63
-    with pytest.raises(mer.ToolError, match="3 ENIs, but room for 1"):
-        enis_of("nitro-ens5-ens6-ens7", max_slots=mer.mark_capacity(0x100))
+        "0x10000/0xffffffff", "0x20000/0xffffffff", "0x30000/0xffffffff"}
+    assert "-i ens5 -j CONNMARK --set-xmark 0x10000/0xf0000" in dict(mer.plan(enis, 0xF0000).mangle[4].chains)[
+        mer.CHAIN_PREROUTING]
+    # the mask's highest value means "seen, not from an ENI"
+    assert mer.mark_capacity(0x300) == 2 and mer.mark_capacity(mer.DEFAULT_MARK_MASK) == 62
+    with pytest.raises(mer.ToolError, match="3 ENIs, but room for 2"):
+        enis_of("nitro-ens5-ens6-ens7", max_slots=mer.mark_capacity(0x300))
 
 
 def test_mark_mask_option_wants_one_run_of_bits():
     assert mer.parse_args(["--mark-mask", "0xf00"]).mark_mask == 0xF00
-    with pytest.raises(SystemExit):
+    with pytest.raises(mer.UsageError, match="one run of set bits"):
         mer.parse_args(["--mark-mask", "0x101"])
+
+
+@pytest.mark.parametrize("mask, why", [("0xffffffff", "fewer than all 32 bits"), ("0x100", "two bits or more")])
+def test_a_mark_mask_that_cannot_work_is_refused_at_parse_time(mask, why):
+    """0xffffffff was accepted, then every apply failed its verification
+    (iptables-save prints full masks as its defaults) and rolled back."""
+    with pytest.raises(mer.UsageError, match=why):
+        mer.parse_args(["--mark-mask", mask])
 
 
 def test_rp_filter_loose_on_every_routed_eni():
@@ -262,8 +277,8 @@ def test_rp_filter_loose_on_every_routed_eni():
 
 def applied():
     system = recorded.system("applied-2eni")
-    record = {"sysctls": {"net/ipv4/conf/eth%d/rp_filter" % n: {"original": "1", "set": "2"}
-                          for n in (0, 1)}}
+    record = mer.record_of({"sysctls": {"net/ipv4/conf/eth%d/rp_filter" % n: {"original": "1", "set": "2"}
+                                        for n in (0, 1)}})
     return system, record, mer.owned_state(system, record)
 
 
@@ -304,12 +319,12 @@ def test_changes_add_before_they_point_and_remove_the_other_way():
     desired = EMPTY._replace(routes=frozenset([new, link]), rules=frozenset([rule]),
                              addresses=frozenset([mer.Address("eth1", "203.0.113.12/32")]))
     current = EMPTY._replace(routes=frozenset([old]), rules=frozenset([gone]))
-    assert mer.diff(desired, current, {}, {}).ip[4] == [
-        "address add 203.0.113.12/32 dev eth1",
-        "route add 203.0.113.0/24 dev eth1 table 22001 proto 231",
-        "route replace default via 203.0.113.254 dev eth1 table 22001 proto 231",
-        "rule add priority 20301 from 203.0.113.10/32 table 22001 protocol 231",
-        "rule del priority 20301 from 203.0.113.11/32 table 22001 protocol 231"]
+    assert mer.render(mer.diff(desired, current, {}, {})) == [
+        "ip -4 address add 203.0.113.12/32 dev eth1  # assigned in IMDS, not configured",
+        "ip -4 route add 203.0.113.0/24 dev eth1 table 22001 proto 231",
+        "ip -4 route replace default via 203.0.113.254 dev eth1 table 22001 proto 231",
+        "ip -4 rule add priority 20301 from 203.0.113.10/32 table 22001 protocol 231",
+        "ip -4 rule del priority 20301 from 203.0.113.11/32 table 22001 protocol 231"]
 
 
 def test_mangle_in_sync_needs_nothing_and_a_duplicate_jump_is_repaired():
@@ -321,9 +336,82 @@ def test_mangle_in_sync_needs_nothing_and_a_duplicate_jump_is_repaired():
     assert [line.split(" ")[0] for line in repair if line.startswith(("-D", "-I"))] == ["-D", "-D", "-I"]
 
 
+# -- The data path (issue 16) and other software's marks (issue 18, item 9). ----------
+
+TAG = "-m comment --comment multi-eni-routing "
+
+
+def hook_rules(mangle, hook):
+    """The tool's rules in one built-in chain, without the chain's name."""
+    return [j[len(hook) + 1:] for j in mangle.jumps if j.startswith(hook + " ")]
+
+
+def test_a_packet_of_a_known_connection_meets_two_rules_and_only_first_packets_the_per_eni_rules():
+    mangle = mer.plan(enis_of("multi-card")).mangle[4]  # 5 ENIs
+    pre, out = hook_rules(mangle, "PREROUTING"), hook_rules(mangle, "OUTPUT")
+    assert len(pre) == 2 and len(out) == 1 and all(r.startswith(TAG) for r in pre + out)
+    # the per-ENI rules: only for a connection that has neither an ENI's mark nor "seen"
+    into = [r for r in pre if r.endswith("-j " + mer.CHAIN_PREROUTING)]
+    assert into == [TAG + "-m connmark --mark 0x0/0x3f00 -m conntrack --ctdir ORIGINAL -j MULTI-ENI-PREROUTING"]
+    assert dict(mangle.chains) == {mer.CHAIN_PREROUTING: tuple(
+        ["-i eth%d -j CONNMARK --set-xmark 0x%d00/0x3f00" % (n, n + 1) for n in range(5)]
+        + ["-m connmark --mark 0x0/0x3f00 -j CONNMARK --set-xmark 0x3f00/0x3f00"])}
+    # the restore: replies only, an ENI's mark only (not 0, not "seen"), onto no mark only
+    restore = (TAG + "-m conntrack --ctdir REPLY -m connmark ! --mark 0x0/0x3f00 -m connmark ! --mark "
+               "0x3f00/0x3f00 -m mark --mark 0x0 -j CONNMARK --restore-mark --nfmask 0x3f00 --ctmask 0x3f00")
+    assert [r for r in pre if r not in into] == out == [restore]
+
+
+def test_the_tools_rules_in_the_hooks_are_found_by_their_comment_and_no_others():
+    text = "\n".join([
+        "*mangle", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":MULTI-ENI-PREROUTING - [0:0]",
+        "-A PREROUTING -m comment --comment multi-eni-routing -m mark --mark 0x0 -j CONNMARK --restore-mark",
+        "-A PREROUTING -m comment --comment multi-eni-routing-not -j MARK --set-xmark 0x1/0x1",
+        "-A PREROUTING -j MULTI-ENI-PREROUTING",
+        "-A OUTPUT -m comment --comment kube -j MARK --set-xmark 0x4000/0x4000",
+        "-A MULTI-ENI-PREROUTING -i eth0 -j CONNMARK --set-xmark 0x100/0x3f00", "COMMIT"])
+    assert mer.parse_mangle(text) == mer.Mangle(
+        ("PREROUTING -j MULTI-ENI-PREROUTING",
+         "PREROUTING -m comment --comment multi-eni-routing -m mark --mark 0x0 -j CONNMARK --restore-mark"),
+        ((mer.CHAIN_PREROUTING, ("-i eth0 -j CONNMARK --set-xmark 0x100/0x3f00",)),))
+
+
+def test_an_upgrade_from_the_layout_before_issue_16_replaces_it_and_converges():
+    system = recorded.system("applied-v2")
+    owned = mer.owned_state(system, mer.EMPTY_RECORD)
+    desired = mer.plan(mer.select_enis(system, recorded.imds("applied-v2")),
+                       groups={link.name: link.group for link in system.links})
+    commands = mer.render(mer.diff(desired, owned, {}, {}))
+    mangle = [c for c in commands if c.startswith("iptables")]
+    old_jumps = ["iptables -t mangle -D OUTPUT -m comment --comment multi-eni-routing -j MULTI-ENI-OUTPUT",
+                 "iptables -t mangle -D PREROUTING -m comment --comment multi-eni-routing -j MULTI-ENI-PREROUTING"]
+    assert set(old_jumps) <= set(mangle)
+    assert mangle.index(old_jumps[0]) < mangle.index("iptables -t mangle -X MULTI-ENI-OUTPUT")
+    assert "iptables -t mangle -F MULTI-ENI-PREROUTING" in mangle
+    assert [c for c in commands if "fwmark" in c] == [
+        "ip -4 rule add priority 20001 fwmark 0x200/0xffffffff table 22001 protocol 231",
+        "ip -4 rule add priority 20000 fwmark 0x100/0xffffffff table 22000 protocol 231",
+        "ip -4 rule del priority 20000 fwmark 0x100/0x3f00 table 22000 protocol 231",
+        "ip -4 rule del priority 20001 fwmark 0x200/0x3f00 table 22001 protocol 231"]
+    now = mer.owned_state(recorded.system("applied-2eni"), mer.EMPTY_RECORD)  # what the new layout reads back as
+    assert now.mangle == desired.mangle and now.rules == desired.rules
+    flush = mer.render(mer.diff(EMPTY, owned, {}, {}))  # a flush of the old layout removes all of it
+    assert {"iptables -t mangle -X MULTI-ENI-OUTPUT", "iptables -t mangle -X MULTI-ENI-PREROUTING"} <= set(flush)
+    assert set(old_jumps) <= set(flush)
+
+
+def test_flush_removes_the_tools_rules_in_the_hooks_and_its_chain():
+    _, record, owned = applied()
+    commands = mer.render(mer.diff(EMPTY, owned, {}, mer.originals_of(record)))
+    mangle = [c for c in commands if c.startswith("iptables")]
+    assert len([c for c in mangle if c.startswith("iptables -t mangle -D ")]) == 3
+    assert mangle[-2:] == ["iptables -t mangle -F MULTI-ENI-PREROUTING", "iptables -t mangle -X MULTI-ENI-PREROUTING"]
+    assert all(TAG in c for c in mangle if " -D " in c)
+
+
 def test_ipv6_addresses_are_added_without_dad():
     add = mer.address_command("add", mer.Address("eth1", "2001:db8:b::11/128"))
-    assert add == "address add 2001:db8:b::11/128 dev eth1 nodad noprefixroute"
+    assert " ".join(add.words) == "address add 2001:db8:b::11/128 dev eth1 nodad noprefixroute"
 
 
 def test_status_exit_codes():
@@ -359,8 +447,8 @@ def test_interface_gone_is_a_usage_error_for_apply_but_not_for_flush_or_status(m
     assert error.value.exit_code == mer.EXIT_USAGE and "eth9" in str(error.value)
     for action in (["-f"], ["--status"]):
         args = mer.parse_args(action + ["-i", "eth0", "-i", "eth9"])
-        mer.check_interfaces(args, system)
-        assert args.interface == ["eth0"]
+        assert mer.check_interfaces(args, system).interface == ("eth0",)
+        assert args.interface == ("eth0", "eth9")  # the options record itself is never changed
 
 
 def test_enis_never_share_a_number_or_a_table():
@@ -523,7 +611,7 @@ def test_more_enis_than_the_mask_numbers_is_one_clear_error():
 
 def test_remembered_slots_keep_absent_pairs_unless_their_slot_was_given_away():
     enis = enis_of("xen-eth0-eth1")
-    record = {"slots": {"0:5": 7, "0:6": 1}}
+    record = mer.record_of({"slots": {"0:5": 7, "0:6": 1}})
     assert mer.remembered_slots(record, enis) == {"0:0": 0, "0:1": 1, "0:5": 7}
 
 
@@ -532,7 +620,7 @@ def test_an_ipv6_default_goes_although_the_table_keeps_its_ipv4_default():
     v6_default = mer.Route(6, 22001, "default", "fe80::1", "eth1")
     current = EMPTY._replace(routes=frozenset([v4_default, v6_default]))
     changes = mer.diff(EMPTY._replace(routes=frozenset([v4_default])), current, {}, {})
-    assert changes.ip == {4: [], 6: ["route del default via fe80::1 dev eth1 table 22001 proto 231"]}
+    assert mer.render(changes) == ["ip -6 route del default via fe80::1 dev eth1 table 22001 proto 231"]
 
 
 def test_interfaces_with_unsafe_names_are_skipped_or_refused(capsys):
@@ -581,15 +669,15 @@ def test_same_subnet_enis_are_not_taken_for_routing_each_others_addresses_elsewh
 def test_record_entries_of_a_gone_or_replaced_interface_are_dropped():
     links = recorded.system("xen-eth0-eth1").links
     index = {link.name: link.index for link in links}
-    record = {"sysctls": {"net/ipv4/conf/eth1/rp_filter": {"original": "1", "set": "2", "ifindex": index["eth1"]},
+    record = mer.record_of({"sysctls": {"net/ipv4/conf/eth1/rp_filter": {"original": "1", "set": "2", "ifindex": index["eth1"]},
                           "net/ipv4/conf/eth0/rp_filter": {"original": "0", "set": "2", "ifindex": 99},
                           "net/ipv4/conf/eth7/rp_filter": {"original": "1", "set": "2", "ifindex": 7}},
               "addresses": [["eth1", "203.0.113.11/32", index["eth1"]], ["eth0", "198.51.100.12/32", 99]],
-              "slots": {"0:0": 0}}
+              "slots": {"0:0": 0}})
     live = mer.live_record(record, links)
-    assert list(live["sysctls"]) == ["net/ipv4/conf/eth1/rp_filter"]
-    assert live["addresses"] == [["eth1", "203.0.113.11/32", index["eth1"]]]
-    assert live["slots"] == {"0:0": 0}
+    assert list(live.sysctls) == ["net/ipv4/conf/eth1/rp_filter"]
+    assert live.addresses == (("eth1", "203.0.113.11/32", index["eth1"]),)
+    assert live.slots == {"0:0": 0}
 
 
 def test_the_record_is_named_after_this_namespace_whatever_pid_1_is(monkeypatch):
@@ -602,17 +690,17 @@ def test_the_record_is_named_after_this_namespace_whatever_pid_1_is(monkeypatch)
 
 def test_an_upgrade_replaces_the_state_of_version_1_whole():
     system = recorded.system("applied-v1")
-    owned = mer.owned_state(system, {})
+    owned = mer.owned_state(system, mer.EMPTY_RECORD)
     desired = mer.plan(mer.select_enis(system, recorded.imds("applied-v1")),
                        groups={link.name: link.group for link in system.links})
     commands = mer.render(mer.diff(desired, owned, {}, {}))
     deleted = [c for c in commands if " rule del " in c]
-    # all 9 rules of version 1 but its two fwmark rules, which version 2 has too
-    assert len(deleted) == 7 and not any("fwmark" in c for c in deleted)
+    # all 9 rules of version 1, the fwmark rules too (now exact, not masked)
+    assert len(deleted) == 9 and len([c for c in deleted if "fwmark 0x" in c and "/0x3f00" in c]) == 2
     assert any("suppress_prefixlength 0" in c for c in deleted)
     assert "ip -4 route del 198.51.100.0/24 via 203.0.113.1 dev eth1 table 22001 proto 231" in commands
     assert "iptables -t mangle -F MULTI-ENI-PREROUTING" in commands
-    desired_now = mer.owned_state(recorded.system("applied-2eni"), {})
+    desired_now = mer.owned_state(recorded.system("applied-2eni"), mer.EMPTY_RECORD)
     assert desired_now.rules == desired.rules and desired_now.routes == desired.routes
     assert desired_now.mangle == desired.mangle and desired_now.groups == desired.groups
 
@@ -637,7 +725,7 @@ def test_multi_card_enis_get_dense_slots_within_every_range():
         ("eth3", 10, 0, 3, 22003), ("eth4", 31, 0, 4, 22004)]
     rules = mer.plan(enis).rules
     assert max(r.priority for r in rules) == mer.PRIO_SOURCE + 4 <= mer.PRIO_LAST
-    assert {r.fwmark for r in rules if r.fwmark} == {"0x%d00/0x3f00" % n for n in range(1, 6)}
+    assert {r.fwmark for r in rules if r.fwmark} == {"0x%d00/0xffffffff" % n for n in range(1, 6)}
 
 
 def test_an_ipv6_only_eni_is_routed_for_ipv6_only():
