@@ -94,11 +94,17 @@ NETUTILS_POLICIES = ("coexist", "ignore")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 # Connmark bits: clear of Kubernetes (0x4000, 0x8000), the VPC CNI (0x80) and
-# Calico (0xffff0000). Mark of an ENI = (slot + 1) shifted into the mask.
+# Calico (0xffff0000). Mark of an ENI = (slot + 1) shifted into the mask; the
+# mask's highest value (all its bits) marks a connection "seen, not from an
+# ENI", so that its packets never reach the per-ENI rules again; 0 = not seen.
 DEFAULT_MARK_MASK = 0x3F00
 
+# The chain only a connection's first packets enter (per-ENI marking).
 CHAIN_PREROUTING = "MULTI-ENI-PREROUTING"
+# Versions before issue 16 also had this chain: recognised, so that an upgrade
+# and a flush remove it.
 CHAIN_OUTPUT = "MULTI-ENI-OUTPUT"
+# Every rule of the tool's in a built-in chain (PREROUTING, OUTPUT) carries it.
 JUMP_COMMENT = "multi-eni-routing"
 
 # Loose reverse-path filtering: a DNATed packet's reverse route goes through
@@ -290,7 +296,9 @@ EniFamily = collections.namedtuple("EniFamily", "addresses added subnets gateway
 # links it put in ENI_GROUP.
 Rule = collections.namedtuple("Rule", "family priority src iif fwmark table suppress_prefixlength suppress_ifgroup")
 Route = collections.namedtuple("Route", "family table dst gateway dev")
-Mangle = collections.namedtuple("Mangle", "jumps chains")  # chains: ((name, (spec, ...)), ...)
+# Mangle: `jumps` = the tool's rules in the built-in chains ("HOOK spec", each
+# with the JUMP_COMMENT), `chains` = ((name, (spec, ...)), ...).
+Mangle = collections.namedtuple("Mangle", "jumps chains")
 Address = collections.namedtuple("Address", "dev cidr")
 OwnedState = collections.namedtuple("OwnedState", "rules routes mangle sysctls addresses groups")
 # Everything discovery read from the system.
@@ -472,7 +480,9 @@ def parse_routes(data, family):
 
 
 def parse_mangle(text):
-    """The tool's jumps and chains from `iptables-save -t mangle`."""
+    """The tool's rules and chains from `iptables-save -t mangle`: its chains,
+    and in the built-in chains every rule that carries its comment or jumps to
+    one of its chains (also those of earlier versions, so they are replaced)."""
     ours = (CHAIN_PREROUTING, CHAIN_OUTPUT)
     jumps, chains = [], collections.OrderedDict()
     for line in text.splitlines():
@@ -482,7 +492,7 @@ def parse_mangle(text):
             chain, _, spec = line[3:].partition(" ")
             if chain in ours:
                 chains.setdefault(chain, []).append(spec)
-            elif spec.endswith(tuple("-j " + name for name in ours)):
+            elif is_tool_rule(spec.split(" "), ours):
                 jumps.append("%s %s" % (chain, spec))
     return Mangle(tuple(sorted(jumps)), tuple(sorted((name, tuple(specs)) for name, specs in chains.items())))
 
@@ -491,6 +501,13 @@ def read_links(programs):
     """The links alone (what IMDS is asked about, before the lock is taken)."""
     argv = dict(READ_COMMANDS)["addr"]
     return parse_links(load_json(run([programs[argv[0]]] + list(argv[1:])), "ip address"))
+
+
+def is_tool_rule(words, ours):
+    """Whether a rule's words carry the tool's comment or jump to its chains."""
+    pairs = set(zip(words, words[1:]))
+    return ("--comment", JUMP_COMMENT) in pairs or any(("-j", name) in pairs or ("-g", name) in pairs
+                                                       for name in ours)
 
 
 def read_sysfs(root="/sys/class/net"):
@@ -1297,7 +1314,7 @@ def plan_family(eni, family, exclusive, mark_mask):
     if own.gateway:
         routes.add(Route(family, table, "default", own.gateway, eni.name))
     mine = [s for s in own.subnets if exclusive.get(s) == eni.name]
-    rules = {rule(family, PRIO_FWMARK + slot, table, fwmark=mark_of(eni, mark_mask))}
+    rules = {rule(family, PRIO_FWMARK + slot, table, fwmark=fwmark_of(eni, mark_mask))}
     rules |= {rule(family, PRIO_SOURCE + slot, table, src=str(s), iif="lo") for s in mine}
     rules |= {rule(family, PRIO_SOURCE + slot, table, src=str(p)) for p in own.prefixes}
     rules |= {rule(family, PRIO_SOURCE + slot, table, src=host_cidr(a))
@@ -1321,36 +1338,54 @@ def covers(network, value):
 
 
 def mark_capacity(mark_mask):
-    """How many ENIs the mask can number (mark 0 means unmarked)."""
+    """How many ENIs the mask can number: 0 means unmarked, all bits "seen"."""
     shift = (mark_mask & -mark_mask).bit_length() - 1
-    return mark_mask >> shift
+    return (mark_mask >> shift) - 1
+
+
+def mark_value(eni, mark_mask):
+    """The ENI's mark: slot + 1 shifted into the mask."""
+    shift = (mark_mask & -mark_mask).bit_length() - 1
+    return (eni.slot + 1) << shift
 
 
 def mark_of(eni, mark_mask):
-    """The ENI's connection mark as `value/mask`: slot + 1 shifted into the mask."""
-    shift = (mark_mask & -mark_mask).bit_length() - 1
-    return "%#x/%#x" % ((eni.slot + 1) << shift, mark_mask)
+    """The ENI's connection mark as `value/mask`, as CONNMARK sets it."""
+    return "%#x/%#x" % (mark_value(eni, mark_mask), mark_mask)
+
+
+def fwmark_of(eni, mark_mask):
+    """What the ENI's fwmark rule matches: exactly its mark, all 32 bits. The
+    tool restores a mark only onto a packet that has none, so its replies carry
+    exactly this; a mark of someone else's (wg-quick's 0xca6c, whose bits
+    overlap 0x3f00) never selects the ENI's table."""
+    return "%#x/0xffffffff" % mark_value(eni, mark_mask)
 
 
 def plan_mangle(enis, mark_mask):
     """Mark each connection by the ENI it came in on, from its first packet the
-    rules see (also of flows older than the tool); restore that mark on the
-    connection's replies, whatever interface they enter on, so routing sends
-    them back out of that ENI. Connections without the tool's mark, and so
-    other software's packet marks, are left alone."""
+    rules see (also of flows older than the tool), and a connection that came
+    in elsewhere as "seen"; restore an ENI's mark onto the connection's replies
+    that carry no mark, whatever interface they enter on, so routing sends them
+    back out of that ENI. So a packet of a marked or seen connection meets two
+    rules in PREROUTING and one in OUTPUT; only a connection's first packet
+    enters the per-ENI chain. Packets that carry a mark, and connections that
+    only this host or a container started, are left alone."""
     if not enis:
         return NO_MANGLE
+    tag = "-m comment --comment %s" % JUMP_COMMENT
     unmarked = "-m connmark --mark 0x0/%#x" % mark_mask
-    restore = ("-m conntrack --ctdir REPLY -m connmark ! --mark 0x0/%#x -j CONNMARK --restore-mark "
-               "--nfmask %#x --ctmask %#x" % (mark_mask, mark_mask, mark_mask))
-    prerouting = ["-i %s -m conntrack --ctdir ORIGINAL %s -j CONNMARK --set-xmark %s"
-                  % (eni.name, unmarked, mark_of(eni, mark_mask)) for eni in enis]
-    prerouting.append(restore)
+    # ctdir first: it turns away every packet of the other direction at once
+    restore = ("%s -m conntrack --ctdir REPLY -m connmark ! --mark 0x0/%#x -m connmark ! --mark %#x/%#x "
+               "-m mark --mark 0x0 -j CONNMARK --restore-mark --nfmask %#x --ctmask %#x"
+               % (tag, mark_mask, mark_mask, mark_mask, mark_mask, mark_mask))
+    first = "%s %s -m conntrack --ctdir ORIGINAL -j %s" % (tag, unmarked, CHAIN_PREROUTING)
+    marking = ["-i %s -j CONNMARK --set-xmark %s" % (eni.name, mark_of(eni, mark_mask)) for eni in enis]
+    marking.append("%s -j CONNMARK --set-xmark %#x/%#x" % (unmarked, mark_mask, mark_mask))
     # Sorted, as parse_mangle returns them, so that equal states compare equal.
     return Mangle(
-        jumps=tuple(sorted("%s -m comment --comment %s -j %s" % (hook, JUMP_COMMENT, chain)
-                           for hook, chain in (("PREROUTING", CHAIN_PREROUTING), ("OUTPUT", CHAIN_OUTPUT)))),
-        chains=tuple(sorted(((CHAIN_PREROUTING, tuple(prerouting)), (CHAIN_OUTPUT, (restore,))))))
+        jumps=tuple(sorted(["PREROUTING " + first, "PREROUTING " + restore, "OUTPUT " + restore])),
+        chains=((CHAIN_PREROUTING, tuple(marking)),))
 
 
 # -- The state record: what the kernel cannot tell, typed and distrusted. ---------
@@ -2071,8 +2106,11 @@ def apply_verified(context, outcome, outputs, record):
                 apply_changes(context.programs, changes, context.hooks.fail_after)
                 verify(context, outputs, desired, merged, changes)
             except (ToolError, OSError) as exc:
-                failure = roll_back(context, outcome.owned, record, merged, changes, exc)
-            else:
+                if context.options.flush:
+                    failure = flush_again(context, merged, exc)
+                else:
+                    failure = roll_back(context, outcome.owned, record, merged, changes, exc)
+            if not failure:
                 keep_record(context, pruned_record(merged, desired, enis))
     except Stopped:  # handled as the signals are let through again: the change is complete
         stopped = True
@@ -2118,6 +2156,24 @@ def roll_back(context, before, record, merged, changes, cause):
                          % (cause, "; ".join(render(left)), PROG))
     keep_record(context, record)
     return ToolError("%s; rolled back to the state before the run" % cause)
+
+
+def flush_again(context, merged, cause):
+    """A flush that failed half way (another program removed one of the tool's
+    rules meanwhile, say) is not rolled back: that would put the routing back
+    on a stop. What is left is read again and removed once more; None when
+    nothing stays, else the ToolError that says what does."""
+    try:
+        _, system = read_system(context.programs)
+        apply_changes(context.programs, changes_between(NOTHING, owned_state(system, merged), merged))
+        _, system = read_system(context.programs)
+        left = changes_between(NOTHING, owned_state(system, merged), merged)
+    except (ToolError, OSError) as exc:
+        return ToolError("%s; flushing again failed too (%s): run %s -f again" % (cause, exc, PROG))
+    if not is_empty(left):
+        return ToolError("%s; what stays: %s; run %s -f again" % (cause, "; ".join(render(left)), PROG))
+    log.warning("%s; flushed on a second attempt", cause)
+    return None
 
 
 def give_back_sysctl(key, value):
@@ -2971,8 +3027,10 @@ EPILOG = (
     "Per ENI it adds a table, a rule for its connection mark and one per subnet that is the ENI's "
     "alone (per address only where a subnet is shared), plus one rule that lets main's routes win "
     "unless they go out through an ENI. Everything the tool adds carries its marker: rules and "
-    "routes protocol %d (tables %d-%d), link group %d, mangle chains %s and %s, and a state record "
-    "for the sysctls it changed and the addresses it added. Flush removes exactly that. Exit codes: "
+    "routes protocol %d (tables %d-%d), link group %d, mangle chain %s and rules commented %s, "
+    "and a state record for the sysctls it changed and the addresses it added. Connection marks "
+    "use the bits of --mark-mask only, and a packet that already has a mark keeps it. Flush "
+    "removes exactly that. Exit codes: "
     "0 success (also when interrupted once the change was being made: it completes first); 1 failure "
     "(nothing changed, or the run was rolled back, or the line says what stays, which -f removes), or "
     "with --status applied but stale; 2 bad usage; 3 with --status: nothing applied; 4 not root; 5 a "
@@ -3065,7 +3123,7 @@ def build_parser():
         description="Give every ENI of this EC2 instance its own policy routing, so that "
                     "every address of every ENI answers through its own ENI. Without an "
                     "action: apply (converge to the plan; safe to repeat).",
-        epilog=EPILOG % (RT_PROTO, TABLE_BASE, TABLE_LAST, ENI_GROUP, CHAIN_PREROUTING, CHAIN_OUTPUT))
+        epilog=EPILOG % (RT_PROTO, TABLE_BASE, TABLE_LAST, ENI_GROUP, CHAIN_PREROUTING, JUMP_COMMENT))
     action = parser.add_mutually_exclusive_group()
     action.add_argument("-f", "--flush", action="store_true",
                         help="remove every rule, route, chain and address the tool added and give "
@@ -3108,8 +3166,9 @@ def build_parser():
                              "that main's routes not through an ENI (containers, VPNs) win; "
                              "ignore does nothing about it" % PRIO_NETUTILS)
     parser.add_argument("--mark-mask", type=mark_mask_arg, default=DEFAULT_MARK_MASK, metavar="MASK",
-                        help="connmark bits the tool may use (default %#x): one run of at least two "
-                             "set bits, not all 32" % DEFAULT_MARK_MASK)
+                        help="connmark bits the tool may use, one run of at least 2 bits, not all 32 "
+                             "(default %#x: 62 ENIs); move them when other software uses these bits"
+                             % DEFAULT_MARK_MASK)
     parser.add_argument("--refresh", type=refresh_arg, default=None, metavar="SECONDS",
                         help="with --watch: apply at least this often, even without events "
                              "(default %d; 1 to 86400); IMDS is read in full then when its last "
@@ -3203,7 +3262,7 @@ def mark_mask_arg(text):
         raise argparse.ArgumentTypeError("%r is not one run of set bits" % text)
     if value == 0xFFFFFFFF:  # iptables-save then prints the masks as defaults: never verified
         raise argparse.ArgumentTypeError("%r: the tool needs fewer than all 32 bits" % text)
-    if mark_capacity(value) < 2:  # an ENI alone needs no mark: two at least
+    if mark_capacity(value) < 2:  # 0 is "unmarked", all bits "seen"; an ENI alone needs no mark
         raise argparse.ArgumentTypeError("%r numbers %d ENI: give two bits or more" % (text, mark_capacity(value)))
     return value
 

@@ -43,10 +43,19 @@ NESTED_ENV = "MER_IN_FRESH_ROOT"
 
 # What a cloud image has (minbase, python3, git, CA certificates); "systemd"
 # adds what booting it needs and what the installed tool runs.
+# The other flavours are the network stacks of the distribution families, as
+# their cloud images install them (the boot tests run one per stack): netplan
+# (Ubuntu) renders to networkd; NetworkManager (RHEL) needs libpam-systemd, or
+# debootstrap stops on polkitd's logind dependency; ifupdown with ISC dhclient
+# (Debian 12 cloud images).
+BOOTABLE = ["python3", "git", "ca-certificates", "systemd", "systemd-sysv", "udev", "dbus",
+            "iproute2", "iptables", "procps"]
 FLAVOURS = {
     "minbase": ["python3", "git", "ca-certificates"],
-    "systemd": ["python3", "git", "ca-certificates", "systemd", "systemd-sysv", "udev", "dbus",
-                "iproute2", "iptables", "procps"],
+    "systemd": BOOTABLE,
+    "netplan": BOOTABLE + ["netplan.io"],
+    "networkmanager": BOOTABLE + ["network-manager", "libpam-systemd"],
+    "ifupdown": BOOTABLE + ["ifupdown", "isc-dhcp-client"],
 }
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BUILD_TIMEOUT = 1200
@@ -263,7 +272,7 @@ def main(argv):
     if len(argv) >= 2 and argv[0] == "build":
         print(tarball(argv[1], *argv[2:3]))
         return 0
-    sys.stderr.write("usage: fresh_root.py readme-tests [SUITE] | build SUITE [FLAVOUR]\n")
+    sys.stderr.write("usage: fresh_root.py readme-tests [SUITE] | build SUITE [%s]\n" % "|".join(FLAVOURS))
     return 2
 
 
