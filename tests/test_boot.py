@@ -43,7 +43,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fresh_root  # noqa: E402
-from lab import (CLIENT4, DNAT_PORT, ECHO_PORT, Lab, eventually, lab_usable,  # noqa: E402
+from lab import (CLIENT4, DNAT_PORT, ECHO_PORT, TEST_NICS, Lab, eventually, lab_usable,  # noqa: E402
                  normalized_iptables, snapshot_diff, tool_lines, wait_for)
 
 pytestmark = pytest.mark.root
@@ -375,6 +375,16 @@ def install_probe(root, lab):
     enable(root, PROBE_UNIT)
 
 
+def lab_nics_dropin(root):
+    """The lab's ENIs are veths, which the watcher knows no ENI is: the tool's
+    test hook (lab.TEST_NICS) in the unit's environment, as a drop-in that is
+    there before the install (the uninstall leaves it, as it leaves any admin's)."""
+    dropin = root / "etc/systemd/system" / (UNIT + ".d")
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "lab-nics.conf").write_text("[Service]\n" + "".join(
+        "Environment=%s=%s\n" % item for item in TEST_NICS.items()))
+
+
 def prepare(root, lab, stack=None):
     """The machine as a cloud image boots it: STACK (default networkd)
     configures the ENIs, something wants network-online.target; and a fresh
@@ -398,6 +408,7 @@ def prepare(root, lab, stack=None):
                             "/usr/sbin/%s-legacy" % name], check=True, capture_output=True)
     # a persistent journal: what happened at a shutdown can be read afterwards
     (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
+    lab_nics_dropin(root)
     (root / "usr/sbin/policy-rc.d").unlink()  # a booted machine starts its services
     clone = root / SRC.lstrip("/")
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, capture_output=True)

@@ -56,7 +56,7 @@ import fresh_root  # noqa: E402
 import lab as lablib  # noqa: E402
 from recorded import mer  # noqa: E402
 from lab import wait_for  # noqa: E402
-from test_boot import NSPAWN_STATE, SRC, SUITE, UNIT, Machine, cannot_boot  # noqa: E402
+from test_boot import NSPAWN_STATE, SRC, SUITE, UNIT, Machine, cannot_boot, lab_nics_dropin  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ENI_NAMES = ("eth0", "eth1")
@@ -272,6 +272,7 @@ def prepare(root, lab):
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     (wants / "network-online.target").symlink_to("/lib/systemd/system/network-online.target")
+    lab_nics_dropin(root)  # the watcher takes the lab's veth ENIs for NICs
     (root / "usr/sbin/policy-rc.d").unlink()  # a booted machine starts its services
     clone = root / SRC.lstrip("/")
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, capture_output=True)
