@@ -25,7 +25,8 @@ usage() {
 Usage: sh install.sh [--prefix DIR] [--destdir DIR] [--deps] [--now] [-q]
        sh install.sh --uninstall [--prefix DIR] [--destdir DIR] [--force] [-q]
 
-Installs multi-eni-routing: the tool as PREFIX/bin/multi-eni-routing.py, its
+Installs multi-eni-routing: the tool as a module in PREFIX/lib/$NAME,
+compiled to bytecode, and PREFIX/bin/multi-eni-routing.py that runs it, its
 man page as PREFIX/share/man/man8/multi-eni-routing.8, the systemd unit and
 the SysV init script (/etc/init.d), which both run the watcher, the options
 file (/etc/default or, on the RHEL family, /etc/sysconfig; an options file
@@ -94,6 +95,10 @@ fi
 
 SRC=$(cd "$(dirname "$0")" && pwd -P) || die "cannot find the source directory"
 TOOL=$PREFIX/bin/$NAME.py
+# The tool's module, beside its bytecode: the launcher $TOOL imports it from
+# there, so Python starts from the cached bytecode (a script's is never cached).
+LIBDIR=$PREFIX/lib/$NAME
+MODULE=$LIBDIR/multi_eni_routing.py
 MANDIR=$PREFIX/share/man/man8
 # The directories this install created, removed again by --uninstall.
 CREATED=/var/lib/$NAME/created-directories
@@ -117,7 +122,8 @@ trap 'exit 1' HUP INT TERM
 # except the options file.
 manifest() {
     cat <<EOF
-multi_eni_routing.py $TOOL 0755 no
+multi_eni_routing.py $MODULE 0644 no
+bin/$NAME.py $TOOL 0755 yes
 docs/$NAME.8 $MANDIR/$NAME.8 0644 yes
 init.d/$NAME /etc/init.d/$NAME 0755 yes
 systemd/$NAME.service $UNITDIR/$NAME.service 0644 yes
@@ -146,6 +152,7 @@ EOF
 # the chosen prefix and options file.
 substitute() {
     sed -e "s|/usr/bin/$NAME\\.py|$TOOL|g" \
+        -e "s|/usr/lib/$NAME\\([/\"]\\)|$LIBDIR\\1|g" \
         -e "s|/usr/share/man/man8/|$MANDIR/|g" \
         -e "s|/etc/default/$NAME|$OPTIONS|g" "$1" >"$2"
 }
@@ -306,6 +313,23 @@ check_programs() {
         die "python3 is older than 3.8; the tool needs Python >= 3.8"
 }
 
+# compile_module: the module's bytecode in $LIBDIR/__pycache__, as Debian's
+# py3compile and Fedora's byte-compilation make it (compileall leaves bytecode
+# that is up to date alone).
+compile_module() {
+    python3 -m compileall -q "$MODULE" >/dev/null ||
+        warn "compiling $MODULE failed: the tool works, but starts slower"
+}
+
+# remove_bytecode: what compile_module (or Python itself) left of the module.
+remove_bytecode() {
+    for pyc in "$DESTDIR$LIBDIR"/__pycache__/multi_eni_routing.*.pyc; do
+        [ -e "$pyc" ] || continue
+        rm -f "$pyc" && say "removed ${pyc#"$DESTDIR"}"
+    done
+    rmdir "$DESTDIR$LIBDIR/__pycache__" 2>/dev/null || true
+}
+
 systemd_running() {
     [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1
 }
@@ -400,10 +424,12 @@ do_install() {
     done 3<"$TMP/manifest"
     install_options
     if [ -n "$DESTDIR" ]; then
+        # staged files are packaged: the package compiles at install time
         say "staged under $DESTDIR: nothing registered or started"
         [ "$NOW" = no ] || warn "--now is ignored with DESTDIR"
         return 0
     fi
+    compile_module
     register
     if [ "$NOW" = yes ]; then
         start_now
@@ -451,6 +477,7 @@ do_uninstall() {
         fi
     fi
     remove_obsolete
+    remove_bytecode
     manifest >"$TMP/manifest"
     while read -r _src dest _mode _subst <&3; do
         remove_file "$dest"

@@ -1462,15 +1462,18 @@ def remembered_slots(record, enis):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The watcher's reload (systemctl reload): start again with the same arguments.
+RELOAD_SIGNAL = signal.SIGHUP
 
 
 class stop_signals_held:  # noqa: N801 (a context manager, used like a function)
-    """SIGTERM and SIGINT wait while the system is being changed: a stop comes
-    after the apply, its verification and any roll back, never half way."""
+    """SIGTERM, SIGINT and SIGHUP wait while the system is being changed: a stop
+    or a reload comes after the apply, its verification and any roll back,
+    never half way."""
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            self.held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS + (RELOAD_SIGNAL,))
         else:
             self.held = None
 
@@ -1915,6 +1918,11 @@ class Stopped(BaseException):
     """SIGTERM or SIGINT: leave the loop (not an Exception: nothing swallows it)."""
 
 
+class Reload(Stopped):
+    """SIGHUP: leave the loop and start again with the same arguments (which
+    reads the options file again); the routing stays in place meanwhile."""
+
+
 class Watcher:
     """The loop: converge, wait for events or the next refresh, converge again."""
 
@@ -1939,6 +1947,10 @@ class Watcher:
             return
         self.stop_requested = True
         raise Stopped()  # never while applying: Run.converge holds these signals
+
+    def on_reload_signal(self, signum, frame):
+        if not self.stop_requested:
+            raise Reload()
 
     def converge(self, schedule, first=False):
         """One converge; its exit code. Failures are logged and scheduled for a
@@ -1972,7 +1984,10 @@ class Watcher:
     def run(self):
         """Apply, then watch until stopped; the exit code."""
         previous = {signum: signal.signal(signum, self.on_stop_signal) for signum in STOP_SIGNALS}
+        if not self.args.daemon:  # (a daemon is restarted by its init script instead)
+            previous[RELOAD_SIGNAL] = signal.signal(RELOAD_SIGNAL, self.on_reload_signal)
         events = pidfile = None
+        reload = False
         try:
             try:
                 events = NetlinkWatch()  # before the first apply: no change slips through
@@ -1990,6 +2005,8 @@ class Watcher:
                 pidfile = write_pidfile(self.args.pidfile)
             sd_notify("READY=1")
             self.loop(events, schedule)
+        except Reload:
+            reload = True
         except Stopped:
             pass
         finally:
@@ -1999,6 +2016,8 @@ class Watcher:
                 remove_pidfile(pidfile)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        if reload:
+            self.start_again()
         sd_notify("STOPPING=1")
         log.info("stopped; the routing stays applied")
         return EXIT_OK
@@ -2007,22 +2026,56 @@ class Watcher:
         poller = select.poll()
         poller.register(events, select.POLLIN)
         while not self.stop_requested:
-            wait = schedule.due() - time.monotonic()
-            if wait <= 0:
-                self.converge(schedule)
-            elif poller.poll(max(1, int(wait * 1000 + 1))):
-                try:
-                    reasons = events.read()
-                except OSError as exc:  # unforeseen: a new socket, and converge as after an overrun
-                    log.error("reading netlink messages failed (%s): watching anew", exc.strerror or exc)
-                    poller.unregister(events)
-                    events.open()
-                    poller.register(events, select.POLLIN)
-                    reasons = ["netlink error"]
-                if reasons:
-                    log.info("converge soon: %s", "; ".join(reasons[:5]) + (
-                        " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
-                    schedule.event(time.monotonic())
+            try:
+                self.step(events, poller, schedule)
+            except Reload:
+                if self.options_usable():
+                    raise
+                schedule.event(time.monotonic())  # a converge it interrupted is done again
+
+    def options_usable(self):
+        """Whether the arguments, the options file included, parse now; if not,
+        the watcher goes on with the ones it has (said once, in the journal)."""
+        import io
+        saved = sys.stderr
+        sys.stderr = errors = io.StringIO()
+        try:
+            parse_args(None)
+            return True
+        except SystemExit:
+            self.say("reload refused, the options stay as they were: %s"
+                     % " ".join(errors.getvalue().split()), error=True)
+            return False
+        finally:
+            sys.stderr = saved
+
+    def start_again(self):
+        """Replace this process by a new watcher with the same arguments (same
+        pid, so systemd and the pid file still name it); the routing stays."""
+        self.say("reloading: starting again with the same arguments")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        argv = getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv
+        os.execv(sys.executable, argv)
+
+    def step(self, events, poller, schedule):
+        """Wait for an event or the next converge, and act on it."""
+        wait = schedule.due() - time.monotonic()
+        if wait <= 0:
+            self.converge(schedule)
+        elif poller.poll(max(1, int(wait * 1000 + 1))):
+            try:
+                reasons = events.read()
+            except OSError as exc:  # unforeseen: a new socket, and converge as after an overrun
+                log.error("reading netlink messages failed (%s): watching anew", exc.strerror or exc)
+                poller.unregister(events)
+                events.open()
+                poller.register(events, select.POLLIN)
+                reasons = ["netlink error"]
+            if reasons:
+                log.info("converge soon: %s", "; ".join(reasons[:5]) + (
+                    " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
+                schedule.event(time.monotonic())
 
     def daemonize(self):
         """Fork. The parent waits until the child has written the pid file and
@@ -2220,6 +2273,10 @@ def build_parser():
                              "a failed apply is retried with backoff. SIGTERM or SIGINT ends it "
                              "(exit 0) leaving the routing applied. Tells systemd (Type=notify) "
                              "when the first apply is done")
+    parser.add_argument("--unless-restarting", metavar="UNIT",
+                        help="with --flush: flush nothing while systemd restarts UNIT (its "
+                             "ExecStopPost=), so that the next watcher takes the routing over "
+                             "without a gap; only a stop removes it")
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="print the commands apply (or flush, with -f) would run, change nothing")
     parser.add_argument("--json", action="store_true", help="with --status: machine-readable output")
@@ -2264,6 +2321,8 @@ def check_watch_args(parser, args):
                           ("--pidfile", args.pidfile)):
         if given and not args.watch:
             parser.error("%s goes with --watch" % option)
+    if args.unless_restarting and not args.flush:
+        parser.error("--unless-restarting goes with --flush")
     if args.watch and args.dry_run:
         parser.error("--watch changes the system: it does not go with --dry-run")
     if args.daemon and not args.pidfile:
@@ -2352,6 +2411,11 @@ def main(argv=None, fail_after=0):
     try:
         if args.watch:
             return watch(args, fail_after)
+        if args.unless_restarting and restart_pending(args.unless_restarting):
+            if not args.quiet:
+                print("not flushed: %s is restarting, its next watcher keeps the routing"
+                      % args.unless_restarting)
+            return EXIT_OK
         return execute(args, started, fail_after)
     except ToolError as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, exc))
@@ -2366,6 +2430,22 @@ def main(argv=None, fail_after=0):
         sys.stderr.write("%s: error: unexpected %s: %s (-vv shows where)\n"
                          % (PROG, exc.__class__.__name__, exc))
         return EXIT_FAILURE
+
+
+def restart_pending(unit):
+    """Whether systemd has a restart job for UNIT (systemctl restart, try-restart,
+    a package upgrade); False when it cannot tell, so that a stop flushes."""
+    systemctl = which("systemctl")
+    if not systemctl:
+        return False
+    try:
+        jobs = run([systemctl, "list-jobs", "--no-legend", "--no-pager", "--full", "--", unit])
+    except ToolError as exc:
+        log.warning("cannot ask systemd for the jobs of %s (%s): flushing", unit, exc)
+        return False
+    # lines: JOB UNIT TYPE STATE
+    return any(fields[1:3] in ([unit, "restart"], [unit, "try-restart"])
+               for fields in (line.split() for line in jobs.splitlines()))
 
 
 def execute(args, started, fail_after=0, report=None):

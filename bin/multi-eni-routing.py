@@ -1,0 +1,14 @@
+#!/usr/bin/python3
+"""multi-eni-routing.py: the installed command. It runs the tool from its
+module, /usr/lib/multi-eni-routing/multi_eni_routing.py, so that Python starts
+from the bytecode compiled at install time (a script's bytecode is never
+cached; a module's is)."""
+
+import sys
+
+# Only the tool's directory: never modules that happen to lie beside this launcher.
+sys.path[0] = "/usr/lib/multi-eni-routing"
+
+from multi_eni_routing import run_as_program  # noqa: E402
+
+run_as_program()
