@@ -27,7 +27,7 @@ Usage: sh install.sh [--prefix DIR] [--destdir DIR] [--deps] [--now] [-q]
 
 Installs multi-eni-routing: the tool as a module in PREFIX/lib/$NAME,
 compiled to bytecode, and PREFIX/bin/multi-eni-routing.py that runs it, its
-man page as PREFIX/share/man/man8/multi-eni-routing.8, the systemd unit and
+man page as PREFIX/share/man/man8/multi-eni-routing.8.gz, the systemd unit and
 the SysV init script (/etc/init.d), which both run the watcher, the options
 file (/etc/default or, on the RHEL family, /etc/sysconfig; an options file
 you changed is never overwritten: the new default goes next to it as .dist)
@@ -118,16 +118,18 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/$NAME-install.XXXXXX") || die "cannot create a 
 trap 'rm -rf "$TMP"' EXIT
 trap 'exit 1' HUP INT TERM
 
-# manifest: "source destination mode substitute" for every installed file
-# except the options file.
+# manifest: "source destination mode how" for every installed file except
+# the options file; how: as-is, paths (substitute the paths), module (its
+# #! line becomes a comment: it is imported, not run) or man (paths, then
+# gzip -n, as the distributions' packages compress manual pages).
 manifest() {
     cat <<EOF
-multi_eni_routing.py $MODULE 0644 no
-bin/$NAME.py $TOOL 0755 yes
-docs/$NAME.8 $MANDIR/$NAME.8 0644 yes
-init.d/$NAME /etc/init.d/$NAME 0755 yes
-systemd/$NAME.service $UNITDIR/$NAME.service 0644 yes
-systemd/networkd.conf.d/$NAME.conf /usr/lib/systemd/networkd.conf.d/$NAME.conf 0644 no
+multi_eni_routing.py $MODULE 0644 module
+bin/$NAME.py $TOOL 0755 paths
+docs/$NAME.8 $MANDIR/$NAME.8.gz 0644 man
+init.d/$NAME /etc/init.d/$NAME 0755 paths
+systemd/$NAME.service $UNITDIR/$NAME.service 0644 paths
+systemd/networkd.conf.d/$NAME.conf /usr/lib/systemd/networkd.conf.d/$NAME.conf 0644 as-is
 EOF
 }
 
@@ -137,6 +139,7 @@ EOF
 obsolete() {
     cat <<EOF
 $PREFIX/libexec/$NAME-hotplug
+$MANDIR/$NAME.8
 $UNITDIR/$NAME-refresh.service
 $UNITDIR/$NAME-refresh.timer
 /usr/lib/udev/rules.d/90-$NAME.rules
@@ -155,6 +158,15 @@ substitute() {
         -e "s|/usr/lib/$NAME\\([/\"]\\)|$LIBDIR\\1|g" \
         -e "s|/usr/share/man/man8/|$MANDIR/|g" \
         -e "s|/etc/default/$NAME|$OPTIONS|g" "$1" >"$2"
+}
+
+# prepare HOW SRC OUT: the file to install for manifest's HOW.
+prepare() {
+    case $1 in
+        paths) substitute "$2" "$3" ;;
+        module) sed "1s|^#!.*|# $NAME: imported by $TOOL, not run by itself|" "$2" >"$3" ;;
+        man) substitute "$2" "$3.page" && gzip -9 -n -c "$3.page" >"$3" ;;
+    esac
 }
 
 mode_of() { stat -c %a "$1" 2>/dev/null; }
@@ -412,13 +424,13 @@ do_install() {
     remove_obsolete
     manifest >"$TMP/manifest"
     n=0
-    while read -r src dest mode subst <&3; do
+    while read -r src dest mode how <&3; do
         [ -f "$SRC/$src" ] || die "$SRC/$src is missing"
         file=$SRC/$src
-        if [ "$subst" = yes ]; then
+        if [ "$how" != as-is ]; then
             n=$((n + 1))
             file=$TMP/file.$n
-            substitute "$SRC/$src" "$file" || die "cannot prepare $src"
+            prepare "$how" "$SRC/$src" "$file" || die "cannot prepare $src"
         fi
         install_file "$file" "$dest" "$mode"
     done 3<"$TMP/manifest"
@@ -479,7 +491,7 @@ do_uninstall() {
     remove_obsolete
     remove_bytecode
     manifest >"$TMP/manifest"
-    while read -r _src dest _mode _subst <&3; do
+    while read -r _src dest _mode _how <&3; do
         remove_file "$dest"
     done 3<"$TMP/manifest"
     uninstall_options
