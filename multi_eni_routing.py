@@ -2037,17 +2037,16 @@ class Watcher:
         """Whether the arguments, the options file included, parse now; if not,
         the watcher goes on with the ones it has (said once, in the journal)."""
         import io
-        saved = sys.stderr
-        sys.stderr = errors = io.StringIO()
+        saved, sys.stderr = sys.stderr, io.StringIO()
         try:
             parse_args(None)
             return True
         except SystemExit:
-            self.say("reload refused, the options stay as they were: %s"
-                     % " ".join(errors.getvalue().split()), error=True)
-            return False
+            problem = " ".join(sys.stderr.getvalue().split())
         finally:
             sys.stderr = saved
+        self.say("reload refused, the options stay as they were: %s" % problem, error=True)
+        return False
 
     def start_again(self):
         """Replace this process by a new watcher with the same arguments (same
