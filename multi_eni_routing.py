@@ -17,23 +17,22 @@ its priority and table ranges, its iptables chains, its state file), so a flush
 removes exactly that and nothing else.
 """
 
-import argparse
 import collections
 import errno
 import fcntl
 import gc
 import ipaddress
-import json
 import os
 import re
 import select
-import shlex
 import signal
 import struct
-import subprocess
 import sys
-import threading
 import time
+
+# argparse, json, shlex, subprocess and threading are imported where they are
+# used: together they cost a third of starting `--version` (which needs none
+# of them), and a status or a flush needs only some.
 
 VERSION = "1.0.0"
 PROG = "multi-eni-routing"
@@ -168,6 +167,7 @@ PROGRAM_ENV = dict(os.environ, LC_ALL="C")
 def run(argv, stdin=None):
     """Run argv (never through a shell), return its stdout; raise CommandError,
     also when the program cannot be started at all."""
+    import subprocess
     log.debug("run: %s", " ".join(argv))
     try:
         proc = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -182,6 +182,7 @@ def run(argv, stdin=None):
 def run_together(commands):
     """run() each (argv, stdin) at the same time; their outputs in order. The
     first failure is raised once all have ended."""
+    import threading
     outputs, errors = [None] * len(commands), []
 
     def one(index, argv, stdin):
@@ -339,6 +340,7 @@ def parse_system(outputs, sysfs, ipv6=True):
 
 def load_json(text, what):
     """Parse a program's JSON output, as a ToolError when it is not JSON."""
+    import json
     try:
         return json.loads(text or "[]")
     except ValueError:
@@ -671,6 +673,7 @@ def fetch_imds_enis(client, macs, primary):
     error stops every thread and is raised."""
     workers = [client] + [client.another() for _ in range(min(IMDS_CONNECTIONS, len(macs)) - 1)]
     pending = list(reversed(macs))
+    import threading
     enis, errors, lock = {}, [], threading.Lock()
 
     def take():
@@ -1401,6 +1404,7 @@ def state_path(state_dir, netns):
 
 def load_record(path):
     """The state record: sysctl originals, addresses the tool added, slots given."""
+    import json
     try:
         with open(path) as handle:
             record = json.load(handle)
@@ -1413,6 +1417,7 @@ def load_record(path):
 
 def save_record(path, record, unchanged_from=None):
     """Write the record atomically; remove it when there is nothing to remember."""
+    import json
     if record == unchanged_from:
         return
     if not any(record.get(key) for key in ("sysctls", "addresses", "slots")):
@@ -1472,6 +1477,7 @@ class stop_signals_held:  # noqa: N801 (a context manager, used like a function)
     never half way."""
 
     def __enter__(self):
+        import threading
         if threading.current_thread() is threading.main_thread():
             self.held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS + (RELOAD_SIGNAL,))
         else:
@@ -2177,16 +2183,32 @@ EPILOG = (
     "is missing.")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line (and exit 2), like every other error of the tool."""
+def one_line_parser(**options):
+    """An ArgumentParser whose usage errors are one line (and exit 2), like
+    every other error of the tool (argparse is imported here: see the imports)."""
+    import argparse
 
-    def error(self, message):
-        if self.raise_errors:
-            raise ValueError(message)
-        sys.stderr.write("%s: error: %s (see --help)\n" % (self.prog, message))
-        sys.exit(EXIT_USAGE)
+    class OneLineParser(argparse.ArgumentParser):
+        raise_errors = False
 
-    raise_errors = False
+        def error(self, message):
+            if self.raise_errors:
+                raise ValueError(message)
+            sys.stderr.write("%s: error: %s (see --help)\n" % (self.prog, message))
+            sys.exit(EXIT_USAGE)
+
+    return OneLineParser(**options)
+
+
+def argument_error(message):
+    """The error an option's type function raises for a bad value."""
+    import argparse
+    return argparse.ArgumentTypeError(message)
+
+
+def program_name():
+    """"multi-eni-routing" as the pip console script, the file's name otherwise."""
+    return PROG if os.path.basename(sys.argv[0]) == PROG else "multi-eni-routing.py"
 
 
 def parse_args(argv):
@@ -2194,6 +2216,9 @@ def parse_args(argv):
     A flush never fails on a bad options file (see flush_args), so that
     stopping always removes the routing."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--version"]:  # answered without building the parser, as argparse would
+        print("%s %s" % (program_name(), VERSION))
+        sys.exit(EXIT_OK)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.options_file and args.flush:
@@ -2231,6 +2256,7 @@ def read_options_file(path, for_flush=False):
     would (quotes, # comments) but with no expansion of any kind. The old
     format, MULTI_ENI_ROUTING_OPTS="...", is read too; other assignments of
     the old format (hotplug settings) are ignored."""
+    import shlex
     try:
         with open(path) as options:
             words = shlex.split(options.read(), comments=True)
@@ -2250,10 +2276,8 @@ def read_options_file(path, for_flush=False):
 
 
 def build_parser():
-    # "multi-eni-routing" as the pip console script, the file's name otherwise
-    prog = PROG if os.path.basename(sys.argv[0]) == PROG else "multi-eni-routing.py"
-    parser = OneLineParser(
-        prog=prog,
+    parser = one_line_parser(
+        prog=program_name(),
         description="Give every ENI of this EC2 instance its own policy routing, so that "
                     "every address of every ENI answers through its own ENI. Without an "
                     "action: apply (converge to the plan; safe to repeat).",
@@ -2336,9 +2360,9 @@ def refresh_arg(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+        raise argument_error("not a number of seconds: %r" % text)
     if not 1 <= value <= 86400:
-        raise argparse.ArgumentTypeError("%r: give 1 <= SECONDS <= 86400" % text)
+        raise argument_error("%r: give 1 <= SECONDS <= 86400" % text)
     return value
 
 
@@ -2346,9 +2370,9 @@ def seconds_arg(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+        raise argument_error("not a number of seconds: %r" % text)
     if not 0 < value <= 300:
-        raise argparse.ArgumentTypeError("%r: give 0 < SECONDS <= 300" % text)
+        raise argument_error("%r: give 0 < SECONDS <= 300" % text)
     return value
 
 
@@ -2356,10 +2380,10 @@ def mark_mask_arg(text):
     try:
         value = int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError("not a number: %r" % text)
+        raise argument_error("not a number: %r" % text)
     run_of_bits = value >> ((value & -value).bit_length() - 1) if value > 0 else 0
     if not 0 < value <= 0xFFFFFFFF or run_of_bits & (run_of_bits + 1):
-        raise argparse.ArgumentTypeError("%r is not one run of set bits" % text)
+        raise argument_error("%r is not one run of set bits" % text)
     return value
 
 
@@ -2508,6 +2532,7 @@ def show_status(args, enis, owned, changes):
     """Print the status; its exit code: 0 in sync, 1 stale, 3 not applied."""
     report = status_report(enis, owned, changes)
     if args.json:
+        import json
         print(json.dumps(report, indent=1))
     else:
         print_status(report)

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs what the tests need on Debian or Ubuntu (run as root, from anywhere
 # in the source tree): the programs the tool drives and those the lab, the
-# shell checks and the boot test use, from the distribution; and pytest,
+# shell checks, the boot test and the package builds (debhelper, rpmbuild,
+# their linters) use, from the distribution; and pytest,
 # pytest-cov and coverage >= 7.10 in a virtual environment, .venv in the
 # source tree (the system Python is never changed: PEP 668).  Then run:
 #   .venv/bin/python -m pytest -ra --cov=multi_eni_routing tests
@@ -25,6 +26,13 @@ debootstrap
 systemd-container
 docker.io
 busybox-static
+debhelper
+dh-python
+dpkg-dev
+fakeroot
+lintian
+rpm
+rpmlint
 "
 # Installed where the distribution has them: the docker command is in
 # docker-cli from Debian 13 on (docker.io only recommends it).
