@@ -17,6 +17,11 @@ As a program (what .ci/run uses):
     python3 tests/fresh_root.py readme-tests [SUITE]
 runs the README's test command, as written, in a fresh SUITE root (default
 bookworm) from a fresh `git clone` of this checkout; exit code: the command's.
+    python3 tests/fresh_root.py install-deb SUITE DEB
+installs DEB with apt in a fresh SUITE root (its dependencies downloaded
+first; the install itself, whose maintainer scripts run, and the purge in a
+scratch network namespace, with nothing started: policy-rc.d), checks the
+command and its bytecode, purges it and checks that no file of it is left.
 
 The tests find out themselves where they run (whereabouts(): a chroot, a
 container, a virtual machine or bare metal; no variable needs to be set):
@@ -329,13 +334,57 @@ def readme_tests(suite="bookworm"):
     return result.returncode
 
 
+@contextlib.contextmanager
+def scratch_netns():
+    """A network namespace of our own, deleted afterwards; its name."""
+    name = "mer-root-%d" % os.getpid()
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def install_deb(suite, deb):
+    """apt install DEB in a fresh SUITE root, check it, purge it; exit code."""
+    ok, why = usable()
+    if not ok:
+        sys.stderr.write("fresh_root: cannot run here: %s\n" % why)
+        return 1
+    name = Path(deb).name
+    steps = [
+        # the machine's network: only apt's downloads, no maintainer script runs
+        (None, "apt-get update -qq && apt-get install -y -q --download-only /root/%s" % name),
+        # a scratch namespace (no network: the archives downloaded above) for
+        # everything that runs the package's scripts
+        ("netns", "apt-get install -y -q /root/%s" % name),
+        ("netns", "multi-eni-routing.py --version | grep -qx 'multi-eni-routing.py [0-9].*'"),
+        ("netns", "ls /usr/lib/multi-eni-routing/__pycache__/multi_eni_routing.cpython-*.pyc"),
+        ("netns", "test -L /etc/systemd/system/multi-user.target.wants/multi-eni-routing.service"),
+        ("netns", "apt-get purge -y -q multi-eni-routing"),
+        ("netns", "! find / -xdev -name '*multi-eni-routing*' -not -path '/root/*' | grep ."),
+    ]
+    with extracted(suite) as root, scratch_netns() as netns:
+        shutil.copy(deb, root / "root" / name)
+        for where, command in steps:
+            result = chroot(root, "cd /root && " + command, netns=netns if where else None, timeout=900)
+            print("fresh %s root: %s: exit %d\n%s%s" % (suite, command, result.returncode,
+                                                        result.stdout[-1500:], result.stderr[-1500:]), flush=True)
+            if result.returncode != 0:
+                return 1
+    return 0
+
+
 def main(argv):
     if len(argv) >= 1 and argv[0] == "readme-tests":
         return readme_tests(*argv[1:2])
+    if len(argv) == 3 and argv[0] == "install-deb":
+        return install_deb(argv[1], argv[2])
     if len(argv) >= 2 and argv[0] == "build":
         print(tarball(argv[1], *argv[2:3]))
         return 0
-    sys.stderr.write("usage: fresh_root.py readme-tests [SUITE] | build SUITE [minbase|systemd]\n")
+    sys.stderr.write("usage: fresh_root.py readme-tests [SUITE] | install-deb SUITE DEB"
+                     " | build SUITE [minbase|systemd]\n")
     return 2
 
 
