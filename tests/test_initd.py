@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from gapless import Watch
+
 REPO = Path(__file__).resolve().parent.parent
 INITD = REPO / "init.d" / "multi-eni-routing"
 INSTALL = REPO / "install.sh"
@@ -271,6 +273,9 @@ def test_lifecycle_in_a_lab_namespace(make_lab, tmp_path):
     installed = subprocess.run(["sh", str(INSTALL), "-q"], env=clean_env(DESTDIR=str(root)),
                                capture_output=True, text=True, timeout=60)
     assert installed.returncode == 0, installed.stderr
+    launcher = root / "usr/bin/multi-eni-routing.py"  # staged: point it at the staged module
+    launcher.write_text(launcher.read_text().replace('"/usr/lib/multi-eni-routing"',
+                                                     '"%s"' % (root / "usr/lib/multi-eni-routing")))
     options = root / "etc/default/multi-eni-routing"
     options.write_text("# the lab's ENIs\n-i eth0 -i eth1 --no-imds\n--state-dir '%s'\n" % lab.state_dir)
     pidfile = tmp_path / "watch.pid"
@@ -333,6 +338,19 @@ def test_lifecycle_in_a_lab_namespace(make_lab, tmp_path):
     result = action("restart")
     assert result.returncode == 0, result.stderr
     assert lab.tcp_ok(lab.client, secondary)
+
+    # What restart was before, stop then start, loses pings: the flush in between.
+    with Watch(lab, lab.addresses(), secondary) as watch:
+        assert action("stop").returncode == 0 and action("start").returncode == 0
+    print("SysV stop, then start: %s" % watch.summary())
+    assert watch.lost(), watch.report
+    # A restart of a running watcher keeps every address answering throughout.
+    pid = watcher()
+    with Watch(lab, lab.addresses(), secondary) as watch:
+        result = action("restart")
+    assert result.returncode == 0, result.stderr
+    assert watcher() and watcher() != pid
+    watch.check("SysV restart without systemd")
 
     # A bad option: start fails with LSB 6 and one line from the tool; stop still flushes.
     options.write_text(options.read_text() + "--bogus\n")
