@@ -54,7 +54,7 @@ TABLE_LAST = 22999
 PRIO_FWMARK = 20000  # +slot: replies of connections that came in on the ENI
 PRIO_MAIN = 20200  # main, except routes through an ENI: docker, VPN and admin routes win
 PRIO_SOURCE = 20300  # +slot: from the ENI's subnets, prefixes and (where needed) addresses
-PRIO_LAST = 20399  # what the tool owns: protocol RT_PROTO rules in 20000-20399
+PRIO_LAST = 20399  # what the tool owns: protocol RT_PROTO rules in 20000-20399 (and PRIO_NETUTILS)
 SLOTS_MAX = PRIO_LAST - PRIO_SOURCE + 1  # 100 ENIs; the mark mask may allow fewer
 
 # The ENIs' link group: `lookup main suppress_ifgroup ENI_GROUP` lets main's routes
@@ -63,6 +63,22 @@ SLOTS_MAX = PRIO_LAST - PRIO_SOURCE + 1  # 100 ENIs; the mark mask may allow few
 # traffic of an eth1 address. Links in this group are the tool's; the tool only
 # moves links out of the default group 0, and back to it on flush.
 ENI_GROUP = 231
+
+# amazon-ec2-net-utils (installed by default on Amazon Linux 2023; Debian packages
+# it too) gives every address of a secondary ENI a `from ADDR` rule at 10000 +
+# 100 x network-card + device-number into the table of the same number: ahead of
+# the tool's rules, so whatever it gets wrong for local sources stays wrong (a
+# host address's reply to a local container goes out of the ENI instead of the
+# bridge). The tool finds it by its program or by rules of that shape, and with
+# --net-utils coexist (the default) leaves all of it alone, adding only
+# `lookup main suppress_ifgroup ENI_GROUP` at PRIO_NETUTILS, just ahead of it:
+# main's routes that do not go out through an ENI (docker bridges, VPNs) win
+# there as they do at PRIO_MAIN ahead of the tool's own rules.
+NETUTILS_PROGRAM = "/usr/bin/setup-policy-routes"  # its RPM's and Debian's path
+NETUTILS_PRIO_FIRST = 10000
+NETUTILS_PRIO_LAST = 13199  # 32 network cards (p5.48xlarge) x 100
+PRIO_NETUTILS = 9900  # protocol RT_PROTO, like every rule of the tool's
+NETUTILS_POLICIES = ("coexist", "ignore")
 
 # Interface names that are safe as words of an `ip -batch` line (no `#` comment,
 # quote or space) and as iptables interface names (no `+` wildcard).
@@ -476,6 +492,24 @@ def read_sysctls(keys):
         except OSError:
             values[key] = None
     return values
+
+
+# amazon-ec2-net-utils as discovery sees it: `program` its path if installed,
+# `rules` how many rules of its shape there are.
+NetUtils = collections.namedtuple("NetUtils", "present program rules")
+
+
+def find_netutils(system, program=NETUTILS_PROGRAM):
+    """amazon-ec2-net-utils here: its program installed, or its rules present."""
+    rules = len(netutils_rules(system))
+    installed = os.path.exists(program)
+    return NetUtils(present=installed or rules > 0, program=program if installed else None, rules=rules)
+
+
+def netutils_rules(system):
+    """The rules of net-utils' shape: `from SOURCE` at 10000-13199 (pure)."""
+    return [r for r in system.foreign_rules if r.src is not None
+            and NETUTILS_PRIO_FIRST <= (r.priority or 0) <= NETUTILS_PRIO_LAST]
 
 
 def kernel_version():
@@ -1033,10 +1067,11 @@ def unique(items):
 
 # -- Plan (pure): the state the system should be in. ------------------------------
 
-def plan(enis, mark_mask=DEFAULT_MARK_MASK, groups=None):
+def plan(enis, mark_mask=DEFAULT_MARK_MASK, groups=None, ahead_of_netutils=False):
     """The owned state that routes every ENI address through its own ENI.
     `groups`: interface name -> its link group now (a link in someone else's
-    group keeps it)."""
+    group keeps it). `ahead_of_netutils`: main's non-ENI routes also win
+    ahead of amazon-ec2-net-utils' rules (PRIO_NETUTILS)."""
     addresses = frozenset(Address(eni.name, host_cidr(a)) for eni in enis
                           for family in FAMILIES for a in eni.families[family].added)
     if len(enis) < 2:  # one ENI: main already routes it; only add its addresses
@@ -1052,6 +1087,8 @@ def plan(enis, mark_mask=DEFAULT_MARK_MASK, groups=None):
                 routed[family].append(eni)
         if routed[family]:
             rules.add(rule(family, PRIO_MAIN, TABLE_MAIN, suppress_ifgroup=ENI_GROUP))
+        if routed[family] and ahead_of_netutils:
+            rules.add(rule(family, PRIO_NETUTILS, TABLE_MAIN, suppress_ifgroup=ENI_GROUP))
     names = unique(eni.name for family in FAMILIES for eni in routed[family])
     for name in names:
         if (groups or {}).get(name, 0) not in (0, ENI_GROUP):
@@ -1566,12 +1603,14 @@ def take_lock(state_dir, timeout=LOCK_TIMEOUT):
 
 # -- Status. ----------------------------------------------------------------------
 
-def status_report(enis, owned, changes):
-    """Per ENI: its table, addresses (with origin), gateways and owned rules."""
+def status_report(enis, owned, changes, netutils=None, policy="coexist"):
+    """Per ENI: its table, addresses (with origin), gateways and owned rules;
+    and what the tool does about amazon-ec2-net-utils."""
     anything = (owned.rules, owned.routes, owned.addresses, owned.sysctls, owned.groups,
                 any(mangle != NO_MANGLE for mangle in owned.mangle.values()))
     report = {"applied": any(anything),
-              "in_sync": is_empty(changes), "pending": render(changes), "enis": []}
+              "in_sync": is_empty(changes), "pending": render(changes), "enis": [],
+              "net_utils": netutils_report(netutils or NetUtils(False, None, 0), policy)}
     for eni in enis:
         table = table_of(eni)
         added = {a.cidr.split("/")[0] for a in owned.addresses if a.dev == eni.name}
@@ -1591,12 +1630,36 @@ def status_report(enis, owned, changes):
     return report
 
 
+def netutils_report(netutils, policy):
+    """amazon-ec2-net-utils in --status: found how, and what the tool does about it."""
+    coexist = netutils.present and policy == "coexist"
+    return {"present": netutils.present, "program": netutils.program, "rules": netutils.rules,
+            "policy": policy, "rule_priority": PRIO_NETUTILS if coexist else None,
+            "adds_imds_addresses": not coexist}
+
+
+def netutils_line(entry):
+    """The --status line on amazon-ec2-net-utils."""
+    if not entry["present"]:
+        return "amazon-ec2-net-utils: not found"
+    found = ", ".join(filter(None, [entry["program"], "%d rules at %d-%d" % (
+        entry["rules"], NETUTILS_PRIO_FIRST, NETUTILS_PRIO_LAST) if entry["rules"] else ""]))
+    if entry["policy"] == "coexist":
+        does = ("coexist: its rules, tables and addresses left alone; rule %d lets main's routes "
+                "that do not go out through an ENI win ahead of its rules; no addresses added from "
+                "IMDS" % entry["rule_priority"])
+    else:
+        does = "ignore: nothing done about it (its rules come before the tool's)"
+    return "amazon-ec2-net-utils: present (%s); --net-utils %s" % (found, does)
+
+
 ORIGINS = {"configured": "configured", "imds": "added from IMDS"}
 
 
 def print_status(report):
     state = ("in sync" if report["in_sync"] else "stale") if report["applied"] else "not applied"
     print("multi-eni-routing: %s" % state)
+    print(netutils_line(report["net_utils"]))
     for eni in report["enis"]:
         gateways = " and ".join(g for g in (eni["gateway4"], eni["gateway6"]) if g) or "none"
         print("%s: table %d (device %d, card %d, %s), gateway %s, %d rules, %d routes" % (
@@ -2317,6 +2380,12 @@ def build_parser():
     parser.add_argument("--imds-timeout", type=seconds_arg, default=5.0, metavar="SECONDS",
                         help="bound on all IMDS requests with retries (default 5); an IMDS that "
                              "does not answer at all is given up on within 2 s")
+    parser.add_argument("--net-utils", choices=NETUTILS_POLICIES, default="coexist",
+                        help="where amazon-ec2-net-utils is present (Amazon Linux 2023): coexist "
+                             "(default) leaves its rules, tables and addresses alone, adds no "
+                             "addresses from IMDS, and adds one rule (%d) ahead of its rules so "
+                             "that main's routes not through an ENI (containers, VPNs) win; "
+                             "ignore does nothing about it" % PRIO_NETUTILS)
     parser.add_argument("--mark-mask", type=mark_mask_arg, default=DEFAULT_MARK_MASK, metavar="MASK",
                         help="connmark bits the tool may use (default %#x)" % DEFAULT_MARK_MASK)
     parser.add_argument("--refresh", type=refresh_arg, default=None, metavar="SECONDS",
@@ -2490,9 +2559,10 @@ def execute(args, started, fail_after=0, report=None):
         record = this_run.read_record(system)
         owned = owned_state(system, record)
         check_interfaces(args, system)
-        enis, desired = desired_state(args, system, owned, record)
+        netutils = find_netutils(system)
+        enis, desired = desired_state(args, system, owned, record, netutils)
         if args.status:
-            return show_status(args, enis, owned, this_run.changes(desired, owned, record))
+            return show_status(args, enis, owned, this_run.changes(desired, owned, record), netutils)
         if args.dry_run:
             changes = this_run.changes(desired, owned, record)
             print("\n".join(render(changes)) if not is_empty(changes) else "in sync: nothing to do")
@@ -2509,28 +2579,33 @@ def execute(args, started, fail_after=0, report=None):
             lock.close()
 
 
-def desired_state(args, system, owned, record):
-    """(ENIs, owned state to converge to): empty for a flush."""
+def desired_state(args, system, owned, record, netutils=None):
+    """(ENIs, owned state to converge to): empty for a flush. With net-utils
+    present and --net-utils coexist, its addresses are its own: none are added."""
     if args.flush:
         return [], NOTHING
+    coexist = bool(netutils and netutils.present) and args.net_utils == "coexist"
+    if coexist:
+        log.info("amazon-ec2-net-utils is present: coexisting (rule %d ahead of its rules, "
+                 "no addresses added from IMDS)", PRIO_NETUTILS)
     imds = discover_imds(args, system)
     enis = select_enis(system, imds, args.interface, args.exclude,
-                       add_from_imds=not args.no_imds_addresses, owned_addresses=owned.addresses,
+                       add_from_imds=not (args.no_imds_addresses or coexist), owned_addresses=owned.addresses,
                        remembered=record.get("slots", {}),
                        max_slots=min(SLOTS_MAX, TABLE_LAST - TABLE_BASE + 1, mark_capacity(args.mark_mask)))
     for eni in enis:
         log.info("ENI %s: table %d, %s, %d IPv4 and %d IPv6 addresses", eni.name, table_of(eni),
                  "from IMDS" if eni.origin == "imds" else "found locally",
                  len(eni.families[4].addresses), len(eni.families[6].addresses))
-    desired = plan(enis, args.mark_mask, {link.name: link.group for link in system.links})
+    desired = plan(enis, args.mark_mask, {link.name: link.group for link in system.links}, coexist)
     if imds is None:  # no full answer: never remove addresses added earlier
         desired = desired._replace(addresses=desired.addresses | owned.addresses)
     return enis, desired
 
 
-def show_status(args, enis, owned, changes):
+def show_status(args, enis, owned, changes, netutils=None):
     """Print the status; its exit code: 0 in sync, 1 stale, 3 not applied."""
-    report = status_report(enis, owned, changes)
+    report = status_report(enis, owned, changes, netutils, args.net_utils)
     if args.json:
         import json
         print(json.dumps(report, indent=1))

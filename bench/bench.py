@@ -5,13 +5,14 @@ Run as root from anywhere:  python3 bench/bench.py [--sizes 1x1,4x10,15x50] [--r
                               [--quick] [--lookups N] [--tool FILE] [--json FILE]
                               [--profile] [--python PATH] [--check]
 
-For each size ExN (E ENIs with N IPv4 addresses each) it builds a lab in network
-namespaces it creates and deletes again (mer-bench-<pid>-<size> and its -peer):
-the ENIs are veth pairs eth0..eth<E-1> whose peers (holding the gateway) live in
-the peer namespace, ENI k has 198.18.0.0/15's k-th /24 with N addresses (.10 up)
-and the instance has `default via <eth0's base+1> dev eth0 proto dhcp`, as DHCP
-would leave it. The peer namespace also serves tests/imds_emulator.py at
-169.254.169.254, reached through eth0. Inside the instance namespace it times,
+For each size ExN (E ENIs with N IPv4 addresses each) it builds the test lab,
+tests/lab.py's Lab, in network namespaces it creates and deletes again
+(mer-bench-<pid>-<size>-instance, -router, -client, -peer): the ENIs are veth
+pairs eth0..eth<E-1> whose other ends (holding the gateway) are ports of the VPC
+router, ENI k has 198.18.(128 + k).0/24 with N addresses (.10 up) and the
+instance has `default via <eth0's base+1> dev eth0 proto dhcp`, as DHCP would
+leave it. The router also serves tests/imds_emulator.py at 169.254.169.254,
+reached through eth0. Inside the instance namespace it times,
 as a user sees it (wall clock of the whole process):
 
   tool apply      multi_eni_routing.py -i eth0 .. --no-imds --state-dir DIR  (from clean)
@@ -31,39 +32,42 @@ pass` (the interpreter's floor) and the tool's --version. Every step is checked:
 the tool's output line, the own commands leave what the tool would (its
 --dry-run then says "in sync"), every flush leaves nothing.
 
-Nothing is changed in this machine's own network namespace: every `ip` the bench
-runs itself carries `-n <lab namespace>`, and the timed runs happen in a worker
-started with `ip netns exec` that refuses to run in the initial namespace.
-Addresses come only from 198.18.0.0/15 (lookups also name 203.0.113.0/24 and
+The programs it runs besides the tool are files here: peak_rss.py (memory),
+stage_timers.py and cprofile_run.py (--profile).
+
+Nothing is changed in this machine's own network namespace: the lab runs
+everything in its namespaces, and the timed runs happen in a worker started
+with `ip netns exec` that refuses to run in the initial namespace. The ENIs'
+addresses come from 198.18.128.0/17 (lookups also name 203.0.113.0/24 and
 198.51.100.0/24 as destinations; nothing is sent). Python standard library only.
 """
 
 import argparse
 import hashlib
+import ipaddress
 import json
 import os
 import platform
 import random
 import re
-import select
 import shlex
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = os.path.join(os.path.dirname(HERE), "multi_eni_routing.py")
-EMULATOR = os.path.join(os.path.dirname(HERE), "tests", "imds_emulator.py")
-IMDS4 = "169.254.169.254"
-VPC_CIDR = "198.18.0.0/15"
+# The lab is tests/lab.py's (subnets="benchmark"); the programs run in it are files here.
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+PEAK_RSS = os.path.join(HERE, "peak_rss.py")
+STAGE_TIMERS = os.path.join(HERE, "stage_timers.py")
+CPROFILE_RUN = os.path.join(HERE, "cprofile_run.py")
 OUTSIDE = ("203.0.113", "198.51.100")  # route-get destinations outside the VPC (never sent)
 PREFIX = "mer-bench"
-NETWORK = (198, 18)  # 198.18.0.0/15: ENI k gets 198.(18 + k // 256).(k % 256).0/24
-FIRST_HOST = 10  # addresses .10 up; .1 is the gateway (on the peer)
+FIRST_HOST = 10  # addresses .10 up; .1 is the gateway (on the VPC router)
 MAX_ENIS = 63  # the default mark mask 0x3f00 numbers 63 ENIs
 MAX_ADDRESSES = 254 - FIRST_HOST + 1
 DEFAULT_SIZES = "1x1,4x10,15x50"
@@ -130,132 +134,15 @@ def size_name(size):
     return "%dx%d" % size
 
 
-def subnet_of(k):
-    return "198.%d.%d" % (NETWORK[1] + k // 256, k % 256)
-
-
 def netns_inode(path):
     return os.stat(path).st_ino
 
 
-# -- The lab: instance namespace with veth ENIs, peers in a second namespace. ------
-
-class Lab:
-    """Namespaces mer-bench-<pid>-<size> (instance) and ...-peer; deleted on close.
-    The peer namespace holds the ENIs' gateways and, once started, the IMDS emulator."""
-
-    def __init__(self, size):
-        self.size = size
-        self.name = "%s-%d-%s" % (PREFIX, os.getpid(), size_name(size))
-        self.peer = self.name + "-peer"
-        self.created = []
-        self.interfaces = ["eth%d" % k for k in range(size[0])]
-        self.emulator = None
-        self.imds_log = None
-
-    def addresses(self, k):
-        """ENI k's addresses, the primary (.10) first."""
-        return ["%s.%d" % (subnet_of(k), FIRST_HOST + j) for j in range(self.size[1])]
-
-    def build(self):
-        enis, count = self.size
-        for ns in (self.name, self.peer):
-            sh(["ip", "netns", "add", ns])
-            self.created.append(ns)
-        # The first address (.10) is the primary DHCP gives; the rest are secondaries.
-        inst = ["link set lo up"]
-        peer = ["link set lo up", "address add %s/32 dev lo" % IMDS4]
-        for k, dev in enumerate(self.interfaces):
-            net = subnet_of(k)
-            inst.append("link add %s type veth peer name gw%d netns %s" % (dev, k, self.peer))
-            peer.append("address add %s.1/24 dev gw%d" % (net, k))
-            peer.append("link set gw%d up" % k)
-        sh(["ip", "-n", self.name, "-batch", "-"], "\n".join(inst) + "\n")
-        sh(["ip", "-n", self.peer, "-batch", "-"], "\n".join(peer) + "\n")
-        addrs = []
-        for k, dev in enumerate(self.interfaces):
-            addrs += ["address add %s/24 dev %s" % (a, dev) for a in self.addresses(k)]
-            addrs.append("link set %s up" % dev)
-        addrs.append("route add default via %s.1 dev eth0 proto dhcp src %s.%d"
-                     % (subnet_of(0), subnet_of(0), FIRST_HOST))
-        sh(["ip", "-n", self.name, "-batch", "-"], "\n".join(addrs) + "\n")
-        # Sanity: the lab is what it claims to be.
-        data = json.loads(sh(["ip", "-n", self.name, "-j", "-4", "address", "show"]) or "[]")
-        found = sum(1 for link in data for a in link.get("addr_info", []) if a.get("scope") == "global")
-        if found != enis * count:
-            raise BenchError("lab %s has %d addresses, expected %d" % (self.name, found, enis * count))
-
-    def start_imds(self, work):
-        """tests/imds_emulator.py in the peer namespace at 169.254.169.254 (IMDSv2,
-        tokens required), which the instance reaches by its default route through
-        eth0, the primary, as on EC2. It lists the lab's ENIs by their MACs."""
-        links = json.loads(sh(["ip", "-n", self.name, "-j", "link", "show"]) or "[]")
-        macs = {link["ifname"]: link.get("address") for link in links}
-        config = os.path.join(work, "imds.json")
-        self.imds_log = os.path.join(work, "imds.log")
-        with open(config, "w") as handle:
-            json.dump({"meta-data": imds_tree(self, macs), "behaviour": {"tokens": "required"}}, handle)
-        open(self.imds_log, "w").close()
-        self.emulator = subprocess.Popen(
-            ["ip", "netns", "exec", self.peer, sys.executable, EMULATOR, "--config", config,
-             "--log", self.imds_log], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            universal_newlines=True, env=ENV)
-        if not select.select([self.emulator.stdout], [], [], 10)[0] \
-                or self.emulator.stdout.readline().strip() != "ready":
-            raise BenchError("the IMDS emulator did not start: %s" % self.emulator.stderr.read()[-2000:])
-
-    def close(self):
-        if self.emulator:
-            stop_process(self.emulator)
-            self.emulator = None
-        for ns in reversed(self.created):
-            kill_processes_in(ns)
-            sh(["ip", "netns", "del", ns], check=False)
-        self.created = []
-
-
-def imds_tree(lab, macs):
-    """The meta-data tree: the keys AWS lists for an IPv4-only ENI on card 0
-    (a key the ENI lacks is not listed, as on AWS)."""
-    enis = {}
-    for k, dev in enumerate(lab.interfaces):
-        enis[macs[dev]] = {
-            "device-number": str(k), "interface-id": "eni-%017x" % (k + 1),
-            "mac": macs[dev], "local-hostname": "ip-198-18-%d-10.ec2.internal" % k,
-            "local-ipv4s": "\n".join(lab.addresses(k)), "owner-id": "111122223333",
-            "security-group-ids": "sg-0000000000000000a", "security-groups": "default",
-            "subnet-id": "subnet-%017x" % (k + 1), "subnet-ipv4-cidr-block": subnet_of(k) + ".0/24",
-            "vpc-id": "vpc-0000000000000000a", "vpc-ipv4-cidr-block": VPC_CIDR,
-            "vpc-ipv4-cidr-blocks": VPC_CIDR,
-        }
-    return {"instance-id": "i-0123456789abcdef0", "local-ipv4": lab.addresses(0)[0],
-            "mac": macs["eth0"], "network": {"interfaces": {"macs": enis}}}
-
-
-def stop_process(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        if stream:
-            stream.close()
-
-
-def kill_processes_in(ns):
-    """What still runs in a namespace of the bench's (its emulator, a hung run)."""
-    for pid in sh(["ip", "netns", "pids", ns], check=False).split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-
+# -- The lab: tests/lab.py's Lab with the benchmark's address plan. -----------------
 
 def remove_stale_labs():
     """Namespaces of an earlier bench run whose process is gone (killed hard)."""
+    from lab import remove_namespace  # see benchmark_lab
     for line in sh(["ip", "netns", "list"]).splitlines():
         name = line.split()[0] if line.split() else ""
         match = re.match(r"^%s-(\d+)-" % PREFIX, name)
@@ -264,8 +151,7 @@ def remove_stale_labs():
         try:
             os.kill(int(match.group(1)), 0)
         except ProcessLookupError:
-            kill_processes_in(name)
-            sh(["ip", "netns", "del", name], check=False)
+            remove_namespace(name)
         except PermissionError:
             pass
 
@@ -313,17 +199,18 @@ def route_counts():
 # table routing the other ENIs' subnets, the mangle chains, rp_filter). It is
 # fixed, not the tool's own --dry-run, so that the ratios of issue 7 compare
 # every version of the tool with the same work (about 1,800 commands at 15x50).
-def baseline_commands(interfaces, addresses_of, rp_filter):
-    """(apply lines, flush lines) for ENIs eth0.. with the given addresses."""
+def baseline_commands(interfaces, subnets, addresses_of, rp_filter):
+    """(apply lines, flush lines) for ENIs eth0.. in SUBNETS (gateway: their
+    first host) with the given addresses."""
     if len(interfaces) < 2:
         return [], []  # one ENI needs no policy routing
     count = len(interfaces)
     tables = [22000 + k for k in range(count)]
     routes, rules = [], []
     for k, dev in enumerate(interfaces):
-        gateway = subnet_of(k) + ".1"
-        routes.append("%s.0/24 dev %s table %d proto 231" % (subnet_of(k), dev, tables[k]))
-        routes += ["%s.0/24 via %s dev %s table %d proto 231" % (subnet_of(j), gateway, dev, tables[k])
+        gateway = str(ipaddress.ip_network(subnets[k])[1])
+        routes.append("%s dev %s table %d proto 231" % (subnets[k], dev, tables[k]))
+        routes += ["%s via %s dev %s table %d proto 231" % (subnets[j], gateway, dev, tables[k])
                    for j in range(count) if j != k]
         routes.append("default via %s dev %s table %d proto 231" % (gateway, dev, tables[k]))
     by_address = lambda base, extra: [
@@ -356,7 +243,7 @@ def baseline_commands(interfaces, addresses_of, rp_filter):
     return apply, flush
 
 
-def lookup_plan(interfaces, addresses_of, count, seed=231):
+def lookup_plan(interfaces, subnets, addresses_of, count, seed=231):
     """COUNT `route get DST from SRC` lines, SRC an address of a random ENI; even
     lines to a destination outside the VPC, odd ones into another ENI's subnet
     (a host that is not the instance's). Also the ENI each line's SRC is on."""
@@ -371,7 +258,7 @@ def lookup_plan(interfaces, addresses_of, count, seed=231):
             destination = "%s.%d" % (rnd.choice(OUTSIDE), rnd.randrange(1, 255))
         else:
             j = (k + 1 + rnd.randrange(len(interfaces) - 1)) % len(interfaces)
-            destination = "%s.%d" % (subnet_of(j), rnd.choice(others))
+            destination = str(ipaddress.ip_network(subnets[j])[rnd.choice(others)])
         lines.append("route get %s from %s" % (destination, source))
         sources.append(interfaces[k])
     return lines, sources
@@ -399,31 +286,10 @@ def run_lookups(batch_path, out_path, sources):
     return elapsed * 1e6 / len(sources), own
 
 
-# Memory: a small interpreter forks, execs the command and reports the child's
-# ru_maxrss from wait4 (KiB): the largest RSS the command or any process it waited
-# for had. Forking from the bench itself would not do: a child starts as a copy of
-# its parent's memory, and that copy's size is counted at exec.
-LAUNCHER = r"""
-import os, sys
-out, argv = sys.argv[1], sys.argv[2:]
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execv(argv[0], argv)
-    finally:
-        os._exit(127)
-_, status, usage = os.wait4(pid, 0)
-code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-with open(out, "w") as handle:
-    handle.write("%d %d\n" % (usage.ru_maxrss, code))
-sys.exit(code)
-"""
-
-
 def peak_rss(py, argv, work, expect=(0,)):
-    """(max RSS in KiB, stdout) of one run of argv."""
+    """(max RSS in KiB, stdout) of one run of argv, through peak_rss.py."""
     out_path = os.path.join(work, "rusage")
-    _, out = timed([py, "-S", "-c", LAUNCHER, out_path] + argv, expect=expect)
+    _, out = timed([py, "-S", PEAK_RSS, out_path] + argv, expect=expect)
     with open(out_path) as handle:
         return int(handle.read().split()[0]), out
 
@@ -437,7 +303,8 @@ class Worker:
             raise BenchError("worker is not inside the lab namespace %s: refusing" % spec["netns"])
         self.spec = spec
         self.py, self.tool, self.work = spec["python"], spec["tool"], spec["workdir"]
-        self.interfaces, self.per_eni = spec["interfaces"], spec["addresses"]
+        self.interfaces, self.subnets = spec["interfaces"], spec["subnets"]
+        self.addresses = spec["addresses"]  # per ENI, the primary first
         state = ["--state-dir", os.path.join(self.work, "state")]
         self.base = ([self.py, self.tool] + [w for dev in self.interfaces for w in ("-i", dev)]
                      + ["--no-imds"] + state)
@@ -449,7 +316,7 @@ class Worker:
         self.scripts = {}
 
     def addresses_of(self, k):
-        return ["%s.%d" % (subnet_of(k), FIRST_HOST + j) for j in range(self.per_eni)]
+        return self.addresses[k]
 
     def run(self, argv, prefix, what):
         """(ms, stdout) of one run whose output must start with prefix."""
@@ -492,7 +359,7 @@ class Worker:
         for dev in self.interfaces:
             with open("/proc/sys/net/ipv4/conf/%s/rp_filter" % dev) as handle:
                 rp_filter[dev] = handle.read().strip()
-        base_apply, base_flush = baseline_commands(self.interfaces, self.addresses_of, rp_filter)
+        base_apply, base_flush = baseline_commands(self.interfaces, self.subnets, self.addresses_of, rp_filter)
         for name, lines in (("own-apply", apply_lines), ("own-flush", flush_lines),
                             ("baseline-apply", base_apply), ("baseline-flush", base_flush)):
             self.scripts[name] = os.path.join(self.work, name + ".sh")
@@ -523,7 +390,7 @@ class Worker:
         count = self.spec["lookups"] if len(self.interfaces) > 1 else 0
         if not count:
             return None
-        lines, sources = lookup_plan(self.interfaces, self.addresses_of, count)
+        lines, sources = lookup_plan(self.interfaces, self.subnets, self.addresses_of, count)
         batch = os.path.join(self.work, "lookups.batch")
         with open(batch, "w") as handle:
             handle.write("\n".join(lines) + "\n")
@@ -618,79 +485,6 @@ def worker(spec):
     return result
 
 
-# Runs the tool in-process with timers around its stages; not an edit of the tool:
-# it compiles the file as `python file.py` would and wraps module-level functions.
-DRIVER = r'''
-import json, os, sys, time, types
-T0 = time.perf_counter()
-sys.dont_write_bytecode = True
-tool, out_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-with open(tool) as handle:
-    source = handle.read()
-t = time.perf_counter(); code = compile(source, tool, "exec"); compile_s = time.perf_counter() - t
-mod = types.ModuleType("multi_eni_routing"); mod.__file__ = tool
-sys.modules["multi_eni_routing"] = mod
-t = time.perf_counter(); exec(code, mod.__dict__); exec_s = time.perf_counter() - t
-stats, calls = {}, []
-def describe(argv):
-    if argv and isinstance(argv[0], (list, tuple)):
-        return "parallel: " + "; ".join(" ".join([os.path.basename(a[0])] + list(a[1:])) for a in argv)
-    return " ".join([os.path.basename(argv[0])] + list(argv[1:]))
-def wrap(owner, name, label):
-    original = getattr(owner, name)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            took = time.perf_counter() - start
-            entry = stats.setdefault(label, [0, 0.0]); entry[0] += 1; entry[1] += took
-            if name in ("run", "run_all"):
-                calls.append([describe(args[0]), took * 1000])
-    setattr(owner, name, wrapper)
-for name in NAMES:
-    if hasattr(mod, name):
-        wrap(mod, name, name)
-for name in ("read", "changes", "converge", "roll_back"):
-    if hasattr(getattr(mod, "Run", None), name):
-        wrap(mod.Run, name, "Run." + name)
-t = time.perf_counter()
-sys.stdout.flush()
-rc = mod.main(argv)
-main_s = time.perf_counter() - t
-with open(out_path, "w") as handle:
-    json.dump({"compile_ms": compile_s * 1000, "exec_ms": exec_s * 1000, "main_ms": main_s * 1000,
-               "inside_ms": (time.perf_counter() - T0) * 1000, "rc": rc,
-               "functions": {k: {"calls": v[0], "ms": v[1] * 1000} for k, v in stats.items()},
-               "commands": calls}, handle)
-sys.exit(rc)
-'''
-DRIVER_NAMES = ["parse_args", "find_programs", "take_lock", "read_outputs", "run_together", "run", "load_json",
-                "parse_links", "parse_rules", "parse_routes", "parse_mangle", "read_sysfs", "netns_id",
-                "load_record", "live_record", "save_record", "owned_state", "desired_state", "discover_imds",
-                "select_enis", "plan", "diff", "read_sysctls", "render", "apply_changes", "write_sysctls",
-                "summary"]
-
-
-# cProfile of one run. Not `python -m cProfile`: the tool ends with os._exit,
-# before cProfile would write its file; here main() returns into the profiler.
-CPROFILER = r"""
-import cProfile, sys, types
-tool, out_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-mod = types.ModuleType("multi_eni_routing")
-mod.__file__ = tool
-sys.modules["multi_eni_routing"] = mod
-profiler = cProfile.Profile()
-profiler.enable()
-with open(tool) as handle:
-    exec(compile(handle.read(), tool, "exec"), mod.__dict__)
-rc = mod.main(argv)
-profiler.disable()
-profiler.dump_stats(out_path)
-sys.exit(rc)
-"""
-
-
 def profile(spec, base, work):
     """Where the time of the largest size goes: imports, stages, commands, cProfile."""
     py, tool = spec["python"], spec["tool"]
@@ -702,13 +496,12 @@ def profile(spec, base, work):
                           stderr=subprocess.PIPE, universal_newlines=True, env=ENV)
     found["importtime"] = parse_importtime(proc.stderr)
     # 2. Stages and commands of apply, re-apply and flush, in-process timers.
-    driver = DRIVER.replace("NAMES", repr(DRIVER_NAMES))
     runs = {"apply": [], "reapply": [], "flush": []}
     for _ in range(3):  # three cycles; the run with the median wall time is kept
         for label, extra, prefix in (("apply", [], "applied"), ("reapply", [], "in sync"),
                                      ("flush", ["-f"], "flushed")):
             out_path = os.path.join(work, "stages-%s.json" % label)
-            wall, out = timed([py, "-c", driver, tool, out_path] + args + extra)
+            wall, out = timed([py, STAGE_TIMERS, tool, out_path] + args + extra)
             expect_prefix(out, prefix if len(spec["interfaces"]) > 1 or label == "flush" else "in sync",
                           "profiled " + label)
             with open(out_path) as handle:
@@ -729,16 +522,10 @@ def profile(spec, base, work):
     # 4. cProfile of apply (from clean), re-apply and flush.
     cprof = {}
     for label, extra in (("apply", []), ("reapply", []), ("flush", ["-f"])):
-        path = os.path.join(work, "cprofile-%s.prof" % label)
-        timed([py, "-c", CPROFILER, tool, path] + args + extra)
-        report = {}
-        printer = ("import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats(sys.argv[2])"
-                   ".print_stats(*sys.argv[3:-1], int(sys.argv[-1]))")
-        for name, key, restrict in (("tottime", "tottime", []), ("cumulative", "cumulative", []),
-                                    ("tool_cumulative", "cumulative", [os.path.basename(tool)])):
-            _, text = timed([py, "-c", printer, path, key] + restrict + ["18"])
-            report[name] = trim_pstats(text)
-        cprof[label] = report
+        path = os.path.join(work, "cprofile-%s.json" % label)
+        timed([py, CPROFILE_RUN, tool, path] + args + extra)
+        with open(path) as handle:
+            cprof[label] = {name: trim_pstats(text) for name, text in json.load(handle).items()}
     found["cprofile"] = cprof
     return found
 
@@ -818,25 +605,34 @@ def choose_python(requested):
     return sys.executable
 
 
+def benchmark_lab(size):
+    """tests/lab.py's Lab for ExN: E ENIs eth0.. of N IPv4 addresses each, ENI k
+    in 198.18.(128 + k).0/24 (.10 up, the gateway .1 on the VPC router), the
+    default route as DHCP leaves it, IMDSv2 (tokens required) on the router.
+    Imported here, not at the top: the worker, which starts every timed run,
+    stays a small process."""
+    from lab import Lab
+    return Lab(enis=size[0], addresses=size[1], ipv6=False, imds="v2", subnets="benchmark", dhcp=True,
+               id="%s-%d-%s" % (PREFIX[len("mer-"):], os.getpid(), size_name(size)))
+
+
 def run_size(size, args, python, profile_it):
-    lab = Lab(size)
-    work = tempfile.mkdtemp(prefix="%s-%d-%s." % (PREFIX, os.getpid(), size_name(size)))
-    try:
-        lab.build()
-        lab.start_imds(work)
-        spec = {"netns": lab.name, "python": python, "tool": TOOL, "interfaces": lab.interfaces,
-                "addresses": size[1], "repeat": args.repeat, "lookups": args.lookups,
-                "imds_log": lab.imds_log, "workdir": work, "profile": profile_it,
-                "outer_netns": netns_inode("/proc/self/ns/net")}
-        proc = subprocess.run(["ip", "netns", "exec", lab.name, sys.executable, os.path.abspath(__file__),
+    with benchmark_lab(size) as lab:
+        found = json.loads(sh(["ip", "-n", lab.instance, "-j", "-4", "address", "show"]) or "[]")
+        count = sum(1 for link in found for a in link.get("addr_info", []) if a.get("scope") == "global")
+        if count != size[0] * size[1]:  # the lab is what it claims to be
+            raise BenchError("lab %s has %d addresses, expected %d" % (lab.instance, count, size[0] * size[1]))
+        spec = {"netns": lab.instance, "python": python, "tool": TOOL,
+                "interfaces": [eni.name for eni in lab.enis], "subnets": [str(eni.subnet4) for eni in lab.enis],
+                "addresses": [eni.addresses4 for eni in lab.enis], "repeat": args.repeat,
+                "lookups": args.lookups, "imds_log": str(lab.imds.log_path), "workdir": lab.tmpdir,
+                "profile": profile_it, "outer_netns": netns_inode("/proc/self/ns/net")}
+        proc = subprocess.run(["ip", "netns", "exec", lab.instance, sys.executable, os.path.abspath(__file__),
                                "--worker"], input=json.dumps(spec), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, universal_newlines=True, env=ENV)
         if proc.returncode != 0:
             raise BenchError("size %s failed:\n%s" % (size_name(size), proc.stderr.strip()[-4000:]))
         return json.loads(proc.stdout)
-    finally:
-        lab.close()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def fmt(ms):
@@ -945,7 +741,7 @@ def print_table(header, rows):
         print(line(row))
 
 
-def check_targets(results, fixed):
+def check_targets(results):
     by_size = {tuple(r["dims"]): r for r in results}
     big, ref = by_size.get(TARGET_SIZE), by_size.get(LINEAR_REFERENCE)
     targets = []
@@ -1132,7 +928,7 @@ def main(argv=None):
         len(floor["python -c pass"]["samples"]),
         ", ".join("%s %s" % (k, fmt(v["median"])) for k, v in floor.items())))
     report(results, fixed, fixed_label)
-    targets = check_targets(results, fixed)
+    targets = check_targets(results)
     print()
     for t in targets:
         print("%-4s  %-52s  %s" % (t["result"], t["target"], target_value(t)))

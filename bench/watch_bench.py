@@ -29,75 +29,16 @@ network namespace; the lab and the watcher are removed also on failure.
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from lab import TOOL, TOOL_PYTHON, Lab, _run, cpu_ticks, memory_kb  # noqa: E402
+from lab import TOOL_PYTHON, Lab, Watching, _run, cpu_ticks, memory_kb, wait_for  # noqa: E402
 
 TARGETS = {"readd_s": 3.0, "rule_deletion_s": 3.0, "attach_s": 5.0, "idle_cpu_s_per_10s": 0.5, "rss_mb": 40.0}
 POLL = 0.005
-
-
-class Watcher:
-    """The tool's --watch in the lab's instance namespace, with a notify socket."""
-
-    def __init__(self, lab, *args):
-        self.directory = tempfile.mkdtemp(prefix="mer-wbench-")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(os.path.join(self.directory, "notify"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MULTI_ENI_ROUTING")}
-        env["NOTIFY_SOCKET"] = os.path.join(self.directory, "notify")
-        self.log = open(os.path.join(self.directory, "output"), "w")
-        self.process = subprocess.Popen(
-            ["ip", "netns", "exec", lab.instance, TOOL_PYTHON, str(TOOL), "--watch", *args,
-             "--state-dir", lab.state_dir], stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def messages(self, seconds):
-        """The sd_notify messages that come within `seconds`."""
-        deadline, found = time.monotonic() + seconds, []
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return found
-            self.notify.settimeout(left)
-            try:
-                found.append(self.notify.recv(4096).decode())
-            except socket.timeout:
-                return found
-
-    def ready(self, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "READY=1" in self.messages(0.2):
-                return
-        raise RuntimeError("the watcher did not get ready: %s" % self.output())
-
-    def settle(self, quiet=1.0, timeout=20):
-        """Until no converge came for `quiet` seconds."""
-        deadline = time.monotonic() + timeout
-        while [m for m in self.messages(quiet) if m.startswith("STATUS=")]:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the watcher does not settle")
-
-    def output(self):
-        with open(self.log.name) as handle:
-            return handle.read()
-
-    def close(self):
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.log.close()
-        self.notify.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def ip_out(lab, *argv):
@@ -109,15 +50,6 @@ def eni_routing(lab, table):
     """The rules naming `table` and its IPv4 routes, sorted."""
     rules = [line for line in ip_out(lab, "-4", "rule").splitlines() if "lookup %d" % table in line]
     return sorted(rules) + sorted(ip_out(lab, "-4", "route", "show", "table", str(table)).splitlines())
-
-
-def time_until(condition, timeout):
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            return None
-        time.sleep(POLL)
-    return time.monotonic() - started
 
 
 def readd_addresses(lab):
@@ -142,26 +74,24 @@ def measure_heal(lab, watcher, change, repeat, timeout=10):
     applied = eni_routing(lab, 22001)
     samples = []
     for _ in range(repeat):
-        watcher.settle()
+        watcher.settle(timeout=20)
         change(lab)
-        took = time_until(lambda: eni_routing(lab, 22001) == applied, timeout)
-        if took is None:
-            raise RuntimeError("routing not back within %s s:\n%s" % (timeout, watcher.output()[-2000:]))
-        samples.append(took)
+        try:
+            samples.append(wait_for(lambda: eni_routing(lab, 22001) == applied, timeout,
+                                    "eth1's routing back", interval=POLL))
+        except AssertionError as exc:
+            raise RuntimeError("%s:\n%s" % (exc, watcher.output()[-2000:])) from None
     return samples
 
 
 def measure_attach(lab, watcher, repeat, timeout=10):
     samples = []
     for _ in range(repeat):
-        watcher.settle()
+        watcher.settle(timeout=20)
         eni = lab.attach_eni()
         table = 22000 + eni.device_number
-        took = time_until(lambda table=table: any("default" in line for line in eni_routing(lab, table)),
-                          timeout)
-        if took is None:
-            raise RuntimeError("attached ENI not routed within %s s" % timeout)
-        samples.append(took)
+        samples.append(wait_for(lambda table=table: any("default" in line for line in eni_routing(lab, table)),
+                                timeout, "the attached ENI routed", interval=POLL))
     return samples
 
 
@@ -170,13 +100,13 @@ def memory_mb(pid, key):
 
 
 def measure_idle(lab, seconds):
-    watcher = Watcher(lab, "--refresh", "5")
+    watcher = Watching(lab, "--refresh", "5", verbose=False)
     try:
-        watcher.ready()
-        watcher.settle()
+        watcher.ready(timeout=30)
+        watcher.settle(timeout=20)
         pid = watcher.process.pid
         before = cpu_ticks(pid)
-        converges = [m for m in watcher.messages(seconds) if m.startswith("STATUS=")]
+        converges = watcher.statuses_during(seconds)
         cpu = (cpu_ticks(pid) - before) / os.sysconf("SC_CLK_TCK")
         return {"seconds": seconds, "cpu_s": cpu, "cpu_s_per_10s": cpu * 10.0 / seconds,
                 "converges": len(converges), "vmhwm_mb": memory_mb(pid, "VmHWM"),
@@ -201,9 +131,9 @@ def main():
         sys.exit("watch_bench.py: needs root (it builds network namespaces)")
     results = {"python": TOOL_PYTHON}
     with Lab() as lab:
-        watcher = Watcher(lab)
+        watcher = Watching(lab, verbose=False)
         try:
-            watcher.ready()
+            watcher.ready(timeout=30)
             results["readd"] = summary(measure_heal(lab, watcher, readd_addresses, args.repeat))
             results["rule_deletion"] = summary(measure_heal(lab, watcher, delete_rules, args.repeat))
             results["attach"] = summary(measure_attach(lab, watcher, args.attach))

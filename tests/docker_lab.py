@@ -34,8 +34,9 @@ import struct
 import subprocess
 import tarfile
 import tempfile
-import time
 from pathlib import Path
+
+from lab import wait_for
 
 # Inside 198.18.0.0/15 and clear of the lab's own ranges (client 198.18.0.0/24,
 # admin link 198.18.100.0/24 and 198.18.200.0/24, fake container 198.19.0.0/24).
@@ -203,14 +204,15 @@ class Dockerd:
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", self.lab.instance, "sh", "-c", script, "sh", *self.argv()],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
+
+        def answering():
             if self.process.poll() is not None:
                 raise DockerError("dockerd exited with %s:\n%s" % (self.process.returncode, self.log_tail()))
-            if self.socket.exists() and self.docker("version", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise DockerError("dockerd did not answer within %ss:\n%s" % (START_TIMEOUT, self.log_tail()))
+            return self.socket.exists() and self.docker("version", check=False).returncode == 0
+        try:
+            wait_for(answering, START_TIMEOUT, "dockerd answering")
+        except AssertionError:
+            raise DockerError("dockerd did not answer within %ss:\n%s" % (START_TIMEOUT, self.log_tail())) from None
 
     def stop(self):
         """Stop dockerd (it stops its containers and containerd) and wait for
@@ -269,15 +271,15 @@ class Dockerd:
     def _remove_cgroups(self, timeout=5):
         """The cgroup parent the containers ran in, in every hierarchy, deepest
         first (a cgroup is busy until its killed processes are gone)."""
-        deadline = time.monotonic() + timeout
-        while self.leftover_cgroups() and time.monotonic() < deadline:
+        def removed():
             for parent in self.leftover_cgroups():
                 tree = [p for p in Path(parent).rglob("*") if p.is_dir()] + [Path(parent)]
                 for cgroup in sorted(tree, key=lambda p: -len(p.parts)):
                     with contextlib.suppress(OSError):
                         cgroup.rmdir()
-            if self.leftover_cgroups():
-                time.sleep(0.1)
+            return not self.leftover_cgroups()
+        with contextlib.suppress(AssertionError):  # what is left, leftover_cgroups() reports
+            wait_for(removed, timeout, "the containers' cgroups removed")
 
     def log_tail(self, lines=30):
         """The end of dockerd's log, for error messages."""

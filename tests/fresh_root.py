@@ -56,6 +56,10 @@ FLAVOURS = {
 }
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BUILD_TIMEOUT = 1200
+# amazon-ec2-net-utils (tests/test_netutils.py): Debian's package of it, or only
+# what Amazon's source (installed into the root at test time) needs besides.
+FLAVOURS["netutils-debian"] = FLAVOURS["systemd"] + ["amazon-ec2-net-utils", "curl"]
+FLAVOURS["netutils-source"] = FLAVOURS["systemd"] + ["curl"]
 
 
 def in_chroot():
@@ -384,7 +388,7 @@ def main(argv):
         print(tarball(argv[1], *argv[2:3]))
         return 0
     sys.stderr.write("usage: fresh_root.py readme-tests [SUITE] | install-deb SUITE DEB"
-                     " | build SUITE [minbase|systemd]\n")
+                     " | build SUITE [FLAVOUR]\n")
     return 2
 
 

@@ -26,6 +26,7 @@ debootstrap
 systemd-container
 docker.io
 busybox-static
+make
 build-essential
 debhelper
 dh-python

@@ -171,19 +171,34 @@ def distinct_subnets(index):
             ipaddress.ip_network("2001:db8:a:%x::/64" % quarter))
 
 
-def plan_eni(index, addresses, same_subnet, ipv6, names, distinct=False):
+BENCHMARK_VPC = "198.18.128.0/17"  # clear of the client, admin link and Docker ranges in 198.18.0.0/15
+
+
+def benchmark_subnets(index):
+    """Subnets of ENI INDEX in the benchmark's plan, which scales to 63 ENIs
+    (the default mark mask numbers 63) of up to 245 addresses (.10 on): ENI k
+    in 198.18.(128 + k).0/24 and 2001:db8:18:K::/64."""
+    if not 0 <= index < 63:
+        raise LabError("benchmark subnets: at most 63 ENIs")
+    return (ipaddress.ip_network("198.18.%d.0/24" % (128 + index)),
+            ipaddress.ip_network("2001:db8:18:%x::/64" % index))
+
+
+def plan_eni(index, addresses, same_subnet, ipv6, names, distinct=False, subnets=None):
     """ENI INDEX of the address plan.
 
     eth0 lives in 198.51.100.0/24 (.10, .11, ...), eth1 in 203.0.113.0/24
     (.10, ...) or, with same_subnet, in 198.51.100.0/24 (.20, ...); eth2 and
     later are in 198.51.100.0/24 (.30, .40, ...). IPv6 follows the same hosts.
-    distinct: every ENI in a subnet of its own (distinct_subnets), hosts .10 on.
+    distinct (or subnets="distinct"): every ENI in a subnet of its own
+    (distinct_subnets), hosts .10 on; subnets="benchmark": benchmark_subnets,
+    hosts .10 on.
     """
     in_b = index == 1 and not same_subnet
     subnet4, subnet6 = SUBNET_B if in_b else SUBNET_A
     first_host = 10 if in_b else 10 * (index + 1)
-    if distinct:
-        subnet4, subnet6 = distinct_subnets(index)
+    if distinct or subnets in ("distinct", "benchmark"):
+        subnet4, subnet6 = (benchmark_subnets if subnets == "benchmark" else distinct_subnets)(index)
         first_host = 10
     hosts = range(first_host, first_host + addresses)
     name = "eth%d" % index if names == "eth" else "ens%d" % (5 + index)
@@ -395,8 +410,8 @@ class Imds:
             "instance-id": INSTANCE_ID,
             "local-ipv4": enis[0].addresses4[0] if enis else "",
             "mac": enis[0].mac if enis else "",
-            "network": {"interfaces": {"macs": {eni.mac: eni_metadata(eni, self.lab.multi_card)
-                                                for eni in enis}}},
+            "network": {"interfaces": {"macs": {
+                eni.mac: eni_metadata(eni, self.lab.multi_card, self.lab.vpc_cidrs) for eni in enis}}},
         }
         for path, body in self.overrides.items():
             *parents, leaf = path.strip("/").split("/")
@@ -461,7 +476,7 @@ class Imds:
         return [json.loads(line) for line in self.log_path.read_text().splitlines()]
 
 
-def eni_metadata(eni, multi_card=False):
+def eni_metadata(eni, multi_card=False, vpc_cidrs=VPC_CIDRS):
     """The IMDS directory network/interfaces/macs/<mac>/ of ENI. `network-card`
     only on multi-card instance types, as on AWS ("" is absent: not listed, 404)."""
     lines = "\n".join
@@ -472,8 +487,8 @@ def eni_metadata(eni, multi_card=False):
         "mac": eni.mac,
         "local-ipv4s": lines(eni.addresses4),
         "subnet-ipv4-cidr-block": str(eni.subnet4),
-        "vpc-ipv4-cidr-block": VPC_CIDRS[0],
-        "vpc-ipv4-cidr-blocks": lines(VPC_CIDRS),
+        "vpc-ipv4-cidr-block": vpc_cidrs[0],
+        "vpc-ipv4-cidr-blocks": lines(vpc_cidrs),
         "ipv6s": lines(eni.addresses6),
         "subnet-ipv6-cidr-blocks": str(eni.subnet6) if eni.subnet6 else "",
         "ipv4-prefix": lines(eni.prefixes4),
@@ -483,9 +498,83 @@ def eni_metadata(eni, multi_card=False):
     }
 
 
+# --- namespaces: what every lab is built in ---------------------------------------
+
+def remove_namespace(ns):
+    """Kill what still runs in namespace NS (a hung tool run, a server), then delete it."""
+    for pid in _run(["ip", "netns", "pids", ns], check=False).stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)
+    _run(["ip", "netns", "del", ns], check=False)
+
+
+class Namespaces:
+    """Network namespaces mer-<id>-<role> that this object creates and deletes
+    again, and the primitives to run things in them. Lab builds a VPC on it;
+    bench/bench.py uses Lab, tests/fixtures/record.py builds its layouts on it."""
+
+    def __init__(self, id=None):
+        self.id = id or secrets.token_hex(3)
+        self.namespaces = []  # the ones created so far, for teardown
+
+    def _ns(self, role):
+        return "mer-%s-%s" % (self.id, role)
+
+    def __enter__(self):
+        try:
+            self.build()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.teardown()
+
+    def build(self):
+        """Create the namespaces and what lives in them (in subclasses)."""
+
+    def teardown(self):
+        """Remove everything, also after a failed build; never raises."""
+        self.remove_namespaces()
+
+    def _add_namespace(self, ns):
+        _run(["ip", "netns", "add", ns])
+        self.namespaces.append(ns)
+        self.ip(ns, "link set lo up")
+
+    def remove_namespaces(self):
+        """Delete every namespace created, last first; never raises."""
+        for ns in reversed(self.namespaces):
+            remove_namespace(ns)
+        self.namespaces = []
+
+    def run(self, ns, *argv, input=None, check=True, timeout=30, env=None):
+        """Run ARGV (no shell) inside namespace NS."""
+        return _run(["ip", "netns", "exec", ns, *argv], input=input, check=check,
+                    timeout=timeout, env=env)
+
+    def ip(self, ns, *commands):
+        """Run `ip` COMMANDS (one per string, e.g. "route add ...") in batches:
+        first those without a family, then those starting with "-6 "."""
+        plain = [c for c in commands if not c.startswith("-6 ")]
+        v6 = [c[3:] for c in commands if c.startswith("-6 ")]
+        for options, batch in [([], plain), (["-6"], v6)]:
+            if batch:
+                _run(["ip", "-n", ns, *options, "-batch", "-"], input="\n".join(batch) + "\n")
+
+    def sysctl(self, ns, **settings):
+        """sysctl(ns, **{"net.ipv4.ip_forward": 1})"""
+        self.run(ns, "sysctl", "-q", "-w", *["%s=%s" % kv for kv in settings.items()])
+
+    def iptables_restore(self, ns, rules, v6=False, flush=True):
+        argv = ["ip6tables-restore" if v6 else "iptables-restore"]
+        self.run(ns, *argv, *([] if flush else ["--noflush"]), input=rules)
+
+
 # --- the lab -----------------------------------------------------------------
 
-class Lab:
+class Lab(Namespaces):
     """A VPC with one instance. Build it with `with Lab(...) as lab:`.
 
     enis:            number of ENIs (1..n)
@@ -500,21 +589,29 @@ class Lab:
     rp_filter:       value for net.ipv4.conf.{all,default}.rp_filter (1 = strict)
     ra_router:       the routers' link-local address, announced as IPv6 default
     names:           "eth" (eth0, eth1) or "ens" (ens5, ens6)
-    subnets:         "plan" (as above) or "distinct" (no two ENIs share a subnet)
+    subnets:         "plan" (as above), "distinct" (no two ENIs share a subnet)
+                     or "benchmark" (ENI k in 198.18.(128 + k).0/24, VPC
+                     198.18.128.0/17; up to 63 ENIs of up to 245 addresses)
     cards:           [(network card, device number)] per ENI (multi-card
                      instances; default: card 0, device = position)
     configure_secondaries: put secondary addresses on the interfaces (else only
                      IMDS knows them, as on a fresh Ubuntu instance)
+    dhcp:            the default route as a DHCP client leaves it (proto dhcp,
+                     src the primary address)
+    id:              names the namespaces mer-<id>-<role> (default: random)
     """
 
     def __init__(self, enis=2, addresses=2, same_subnet=False, ipv6=True, imds="v2",
                  container=False, dnat_address=None, admin_link=False, rp_filter=0,
                  ra_router=RA_ROUTER, names="eth", configure_secondaries=True,
-                 subnets="plan", cards=None):
+                 subnets="plan", cards=None, dhcp=False, id=None):
+        super().__init__(id)
         counts = [addresses] * enis if isinstance(addresses, int) else list(addresses)
         self.same_subnet, self.ipv6, self.names = same_subnet, ipv6, names
-        self.enis = [plan_eni(i, n, same_subnet, ipv6, names, distinct=(subnets == "distinct"))
+        self.enis = [plan_eni(i, n, same_subnet, ipv6, names, subnets=subnets)
                      for i, n in enumerate(counts)]
+        self.vpc_cidrs = [BENCHMARK_VPC] if subnets == "benchmark" else VPC_CIDRS
+        self.dhcp = dhcp
         self.multi_card = bool(cards)
         for i, (card, device) in enumerate(cards or []):
             self.enis[i].index, self.enis[i].network_card, self.enis[i].device_number = i, card, device
@@ -525,33 +622,17 @@ class Lab:
             dnat_address = self.enis[1].addresses4[1]
         self.dnat_address = dnat_address
 
-        self.id = secrets.token_hex(3)
         self.instance, self.router = self._ns("instance"), self._ns("router")
         self.client, self.peer = self._ns("client"), self._ns("peer")
         self.container = self._ns("container") if container else None
         self.vpn = self._ns("vpn") if admin_link else None
-        self.namespaces = []  # the ones created so far, for teardown
         self.tmpdir = tempfile.mkdtemp(prefix="mer-%s-" % self.id)
         self.state_dir = os.path.join(self.tmpdir, "state")
         self.imds = Imds(self, imds)
         self.servers = []
         self.sessions = []
 
-    def _ns(self, role):
-        return "mer-%s-%s" % (self.id, role)
-
     # -- lifecycle --
-
-    def __enter__(self):
-        try:
-            self.build()
-        except BaseException:
-            self.teardown()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.teardown()
 
     def build(self):
         for ns in [self.instance, self.router, self.client, self.peer, self.container, self.vpn]:
@@ -583,49 +664,13 @@ class Lab:
                 thing.close()
         with contextlib.suppress(Exception):
             self.imds.stop()
-        for ns in reversed(self.namespaces):
-            self._kill_processes_in(ns)
-            _run(["ip", "netns", "del", ns], check=False)
-        self.namespaces = []
+        super().teardown()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def _kill_processes_in(self, ns):
-        """Kill what still runs in one of our namespaces (a hung tool run, say)."""
-        pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), 9)
-
-    # -- primitives --
-
-    def run(self, ns, *argv, input=None, check=True, timeout=30, env=None):
-        """Run ARGV (no shell) inside namespace NS."""
-        return _run(["ip", "netns", "exec", ns, *argv], input=input, check=check,
-                    timeout=timeout, env=env)
-
-    def ip(self, ns, *commands):
-        """Run `ip` COMMANDS (one per string, e.g. "route add ...") in batches:
-        first those without a family, then those starting with "-6 "."""
-        plain = [c for c in commands if not c.startswith("-6 ")]
-        v6 = [c[3:] for c in commands if c.startswith("-6 ")]
-        for options, batch in [([], plain), (["-6"], v6)]:
-            if batch:
-                _run(["ip", "-n", ns, *options, "-batch", "-"], input="\n".join(batch) + "\n")
-
-    def sysctl(self, ns, **settings):
-        """sysctl(ns, **{"net.ipv4.ip_forward": 1})"""
-        self.run(ns, "sysctl", "-q", "-w", *["%s=%s" % kv for kv in settings.items()])
-
-    def iptables_restore(self, ns, rules, v6=False, flush=True):
-        argv = ["ip6tables-restore" if v6 else "iptables-restore"]
-        self.run(ns, *argv, *([] if flush else ["--noflush"]), input=rules)
-
     def _add_namespace(self, ns):
-        _run(["ip", "netns", "add", ns])
-        self.namespaces.append(ns)
+        super()._add_namespace(ns)
         # no DAD, so IPv6 addresses are usable at once
         self.sysctl(ns, **{"net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad": 0})
-        self.ip(ns, "link set lo up")
 
     # -- the VPC router --
 
@@ -713,7 +758,9 @@ class Lab:
         for eni in self.enis:
             commands += self._instance_eni_commands(eni)
         # what DHCP leaves: one default route, via the primary ENI
-        commands.append("route add default via %s dev %s" % (self.enis[0].gateway4, self.enis[0].name))
+        primary = self.enis[0]
+        commands.append("route add default via %s dev %s" % (primary.gateway4, primary.name)
+                        + (" proto dhcp src %s" % primary.addresses4[0] if self.dhcp else ""))
         self.ip(self.instance, *commands)
 
     def _instance_eni_commands(self, eni):
@@ -990,6 +1037,78 @@ class Lab:
                 for family in ["route", "-6 route"]}
 
 
+class Watching:
+    """The tool's --watch in LAB's instance namespace, with a notify socket
+    standing in for systemd's and its output in a file; killed by close().
+    verbose: with -v (the tests read its log; the benchmark does not)."""
+
+    def __init__(self, lab, *args, env=None, verbose=True):
+        self.lab = lab
+        self.directory = tempfile.mkdtemp(prefix="mer-watch-")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(os.path.join(self.directory, "notify"))
+        self.output_path = os.path.join(self.directory, "output")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MULTI_ENI_ROUTING")}
+        full_env.update(env or {}, NOTIFY_SOCKET=os.path.join(self.directory, "notify"))
+        with open(self.output_path, "w") as output:
+            self.process = subprocess.Popen(
+                ["ip", "netns", "exec", lab.instance, TOOL_PYTHON, str(TOOL), "--watch",
+                 *(["-v"] if verbose else []), *args, "--state-dir", lab.state_dir],
+                stdout=output, stderr=subprocess.STDOUT, env=full_env)
+        self.messages = []
+
+    def receive(self, timeout):
+        """The next sd_notify message, or None after TIMEOUT seconds."""
+        self.notify.settimeout(max(timeout, 0.001))
+        try:
+            text = self.notify.recv(4096).decode()
+        except socket.timeout:
+            return None
+        self.messages.append(text)
+        return text
+
+    def wait_message(self, prefix, timeout=20):
+        """The first message starting with PREFIX; AssertionError after TIMEOUT seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.receive(deadline - time.monotonic())
+            if text and text.startswith(prefix):
+                return text
+        raise AssertionError("no %r from the watcher within %s s; output:\n%s" % (prefix, timeout, self.output()))
+
+    def statuses_during(self, seconds):
+        """The STATUS lines (one per converge) that come within SECONDS."""
+        deadline, found = time.monotonic() + seconds, []
+        while time.monotonic() < deadline:
+            text = self.receive(deadline - time.monotonic())
+            if text and text.startswith("STATUS="):
+                found.append(text)
+        return found
+
+    def ready(self, timeout=20):
+        self.wait_message("READY=1", timeout)
+        return self
+
+    def settle(self, quiet=1.0, timeout=15):
+        """Wait until no converge came for QUIET seconds (after a change, one
+        follow-up converge checks that nothing else changed meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while self.statuses_during(quiet):
+            if time.monotonic() > deadline:
+                raise AssertionError("the watcher does not settle:\n" + self.output())
+
+    def output(self):
+        with open(self.output_path) as handle:
+            return handle.read()
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.notify.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 class ToolRun:
     def __init__(self, process):
         self.process = process
@@ -1083,14 +1202,29 @@ def tool_lines(snapshot):
             if any(marker in line for marker in TOOL_MARKERS)]
 
 
-def eventually(condition, timeout=10.0, interval=0.1):
-    """Poll CONDITION until it is true or TIMEOUT passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
+def wait_for(condition, timeout, what="the condition", interval=0.1):
+    """Poll CONDITION every INTERVAL seconds until it is true; the seconds that
+    took. AssertionError naming WHAT when TIMEOUT seconds pass first. The one
+    polling helper of the tests and the benchmarks (no racing sleeps)."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError("%s did not hold within %.1f s" % (what, timeout))
         time.sleep(interval)
+    return time.monotonic() - started
+
+
+def eventually(condition, timeout=10.0, interval=0.1):
+    """CONDITION's last value: true once it held within TIMEOUT seconds, else
+    false. wait_for for `assert eventually(...), "why"`."""
+    last = [None]
+
+    def remembered():
+        last[0] = condition()
+        return last[0]
+    with contextlib.suppress(AssertionError):
+        wait_for(remembered, timeout, interval=interval)
+    return last[0]
 
 
 def cpu_ticks(pid):

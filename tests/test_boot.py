@@ -26,7 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fresh_root  # noqa: E402
-from lab import Lab, lab_usable  # noqa: E402
+from lab import Lab, lab_usable, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.root
 
@@ -219,15 +219,6 @@ def booted():
         wait_for(lambda: all(r.icmp for r in lab.reachability(lab.addresses(lab.enis[0])).values()),
                  30, "eth0 answering before the install")
         yield machine, lab, lab.snapshot(), file_list(machine)
-
-
-def wait_for(condition, seconds, what):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %d s waiting for %s" % (seconds, what))
-        time.sleep(0.2)
-    return True
 
 
 def file_list(machine):

@@ -11,12 +11,11 @@ import os
 import re
 import subprocess
 import threading
-import time
 
 import pytest
 
 from docker_lab import Dockerd, DockerError, build_busybox_tar, docker_usable
-from lab import CLIENT4, ECHO_PORT, PEER4, applied, tcp_answer
+from lab import CLIENT4, ECHO_PORT, PEER4, applied, tcp_answer, wait_for
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="runs dockerd in network namespaces: run as root")
@@ -93,21 +92,13 @@ def host_leftovers(before, dockerd):
 
 # -- helpers ------------------------------------------------------------------------
 
-def wait_for(condition, what, timeout=15):
-    """Poll CONDITION until it is true; fail naming WHAT after TIMEOUT seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out after %ss waiting for %s" % (timeout, what)
-        time.sleep(0.1)
-
-
 def wait_until_serving(lab, docker, name, network="bridge"):
     """Until container NAME answers on its own address, from the instance
     itself (no ENI on that path): its server is up, whatever the routing."""
     def serving():
         address = docker.container_address(name, network)
         return bool(address) and tcp_answer(lab.instance, address, 80, timeout=0.5) == name
-    wait_for(serving, "container %s to serve" % name)
+    wait_for(serving, 15, "container %s to serve" % name)
 
 
 def answers(lab, addresses, port=PUBLISHED):
@@ -241,7 +232,7 @@ def test_a_connect_in_flight_before_the_first_apply_completes_after_it(lab, dock
         greeting=tcp_answer(lab.client, address, PUBLISHED, timeout=6)))
     drops = lab.dropped(lab.enis[0])
     connect.start()
-    wait_for(lambda: lab.dropped(lab.enis[0]) > drops, "the first SYN-ACK to be dropped", timeout=3)
+    wait_for(lambda: lab.dropped(lab.enis[0]) > drops, 3, "the first SYN-ACK to be dropped")
 
     applied(lab)
     connect.join()

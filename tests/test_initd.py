@@ -8,8 +8,9 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
+
+from lab import wait_for
 
 import pytest
 
@@ -317,10 +318,7 @@ def test_lifecycle_in_a_lab_namespace(make_lab, tmp_path):
     # The daemon repairs what another program deletes: eth1's source rule.
     assert any(r.startswith("20301:") for r in applied)
     lab.ip(lab.instance, "rule del priority 20301")
-    deadline = time.monotonic() + 10
-    while our_rules() != applied:
-        assert time.monotonic() < deadline, "the watcher did not restore the rule"
-        time.sleep(0.2)
+    wait_for(lambda: our_rules() == applied, 10, "the watcher restoring the rule", interval=0.2)
     assert lab.tcp_ok(lab.client, secondary)
 
     result = action("start")  # already running

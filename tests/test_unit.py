@@ -27,10 +27,12 @@ def v6(eni):
 NO_CHANGES = mer.Changes({4: [], 6: []}, {4: [], 6: []}, [])
 
 
-# -- Golden plans: the first apply on each recorded instance, command by command. --
+# -- Golden plans: an apply on each recorded instance as it is, command by command:
+# a first apply, or on the applied ones the diff against their state (applied-2eni
+# is in sync: its golden plan is empty; applied-v1 is upgraded in place). ----------
 
 @pytest.mark.parametrize("name", recorded.NAMES)
-def test_first_apply_matches_golden_plan(name):
+def test_an_apply_on_each_recorded_instance_matches_its_golden_plan(name):
     commands = "\n".join(recorded.plan_commands(name)) + "\n"
     path = os.path.join(GOLDEN, name + ".txt")
     if os.environ.get("UPDATE_GOLDEN"):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import TOOL, TOOL_PYTHON, _run, cpu_ticks, memory_kb
+from lab import TOOL, TOOL_PYTHON, _run, cpu_ticks, memory_kb, wait_for
 from recorded import mer
 
 
@@ -208,11 +208,16 @@ def test_sd_notify_reaches_an_abstract_socket(monkeypatch):
         assert sock.recv(4096) == b"STATUS=in sync"
 
 
-def test_sd_notify_without_systemd_does_nothing(monkeypatch):
+def test_sd_notify_without_systemd_opens_no_socket_and_a_gone_one_is_not_an_error(monkeypatch):
+    opened = []
+    real_socket = socket.socket
+    monkeypatch.setattr(socket, "socket", lambda *args: opened.append(args) or real_socket(*args))
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     mer.sd_notify("READY=1")
+    assert opened == []  # not under systemd: nothing to tell, nothing opened
     monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/notify")
-    mer.sd_notify("READY=1")  # systemd gone: not the watcher's problem
+    assert mer.sd_notify("READY=1") is None  # systemd gone: not the watcher's problem
+    assert len(opened) == 1  # it did try to send
 
 
 def test_a_failing_converge_is_reported_and_scheduled_never_raised(monkeypatch, notify_socket, capsys):
@@ -275,16 +280,6 @@ def test_a_stop_signal_sent_while_the_system_is_changed_comes_after_the_change()
 
 
 # -- Lab: the watcher as a process in the instance namespace. ---------------------
-
-def wait_for(condition, timeout, interval=0.02, what="the condition"):
-    """Poll until condition() is true; return the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError("%s did not hold within %.1f s" % (what, timeout))
-        time.sleep(interval)
-    return time.monotonic() - started
-
 
 class Watching:
     """The tool's --watch in LAB's instance namespace, with a notify socket

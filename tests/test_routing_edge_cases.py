@@ -1,4 +1,7 @@
-"""Lab scenarios for issue 7 (routing model v2), one per defect.
+"""Routing edge cases in the lab, one per defect that routing model v2 (issue 7)
+mends: rules that grow with ENIs, main routes, DNAT backends, old UDP flows,
+foreign socket marks, VPC CNI pods, multi-card numbering, an IPv6 router that
+goes, a `#` in a name, a replaced interface, a NAT instance.
 
 Each test first shows the failure without the fix (without the tool, or the
 measure by which the old tool failed), then asserts the fixed behaviour.
