@@ -146,6 +146,9 @@ def test_install_sh_now_over_an_older_install_loses_no_ping(booted):
     machine.sh("cd %s && sh install.sh --uninstall -q" % SRC)
     assert lab.snapshot() == before
     assert machine.sh("ls /usr/lib/multi-eni-routing 2>&1", check=False).returncode != 0
+    # install.sh keeps an options file that differs from the one it ships (the
+    # older version's default may): not the package's to find
+    machine.sh("rm -f %s %s.dist" % (DEB_OPTIONS, DEB_OPTIONS))
 
 
 def test_apt_install_enables_and_starts_the_service(booted):
