@@ -105,7 +105,7 @@ def test_installs_the_tool_unchanged_as_a_module_beside_its_launcher(installed):
     assert source.startswith("#!") and not module.startswith("#!")
     assert module.split("\n", 1)[1] == source.split("\n", 1)[1]
     launcher = (installed / LAUNCHER).read_text()
-    assert launcher.startswith("#!/usr/bin/python3\n")
+    assert launcher.startswith("#!/usr/bin/python3 -SE\n")
     assert 'sys.path[0] = "/usr/lib/multi-eni-routing"' in launcher
 
 
