@@ -13,7 +13,9 @@ file order on one machine:
 - `install.sh --now` of this tree over it loses none, then --uninstall;
 - `apt install ./older.deb` enables and starts the service; `apt install
   ./newer.deb` upgrades it without a lost ping or a broken session;
-- `systemctl restart`, `systemctl reload` (which reads a changed options
+- `systemctl restart`, `try-restart` (the RPM's upgrade on older systemd),
+  the marked reload-or-restart of systemd-update-helper (its upgrade on
+  systemd 248 and later), `systemctl reload` (which reads a changed options
   file) and the SysV script's restart lose none; `systemctl stop` removes
   the routing;
 - `apt remove` stops it (routing removed) and keeps a changed options file;
@@ -176,16 +178,33 @@ def test_apt_upgrade_keeps_every_address_answering(booted):
     watch.check("apt upgrade")
 
 
-def test_systemctl_restart_keeps_every_address_answering(booted):
+# What restarts the service: an admin, install.sh --now (restart), the RPM's
+# %systemd_postun_with_restart on older systemd (try-restart), and on systemd
+# 248 and later (Fedora, RHEL 9, Amazon Linux 2023) systemd-update-helper,
+# which marks the unit (needs-restart) and has systemd reload-or-restart the
+# marked units at the end of the transaction (systemd 252 restarts it).
+RESTARTS = {
+    "systemctl restart": "systemctl restart %s" % UNIT,
+    "systemctl try-restart": "systemctl try-restart %s" % UNIT,
+    "the RPM's upgrade (systemd-update-helper)": "systemctl set-property %s Markers=+needs-restart && "
+                                                 "systemctl reload-or-restart --marked" % UNIT,
+}
+
+
+@pytest.mark.parametrize("what", sorted(RESTARTS))
+def test_a_restart_keeps_every_address_answering(booted, what):
     machine, lab, _, _, _ = booted
     pid = main_pid(machine)
+    since = machine.sh("sleep 1; date +%s").stdout.strip()  # journalctl --since: whole seconds
     with watched(lab) as watch:
-        machine.sh("systemctl restart %s" % UNIT)
-        wait_for(lambda: all_answer(lab), 15, "every address answering after the restart")
-    assert main_pid(machine) != pid
-    watch.check("systemctl restart")
-    journal = machine.sh("journalctl -q -o cat -u %s -n 50" % UNIT).stdout
+        machine.sh(RESTARTS[what])
+        wait_for(lambda: active(machine) == "active" and all_answer(lab), 15,
+                 "every address answering after %s" % what)
+    watch.check(what)
+    journal = machine.sh("journalctl -q -o cat -u %s --since @%s" % (UNIT, since)).stdout
     assert "flushed:" not in journal
+    # a new watcher, or the same one started again in place (a reload)
+    assert main_pid(machine) != pid or "reloading" in journal, "%s did not restart the watcher" % what
 
 
 def test_systemctl_reload_reads_the_options_and_keeps_every_address_answering(booted):
