@@ -85,11 +85,17 @@ NETUTILS_POLICIES = ("coexist", "ignore")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 # Connmark bits: clear of Kubernetes (0x4000, 0x8000), the VPC CNI (0x80) and
-# Calico (0xffff0000). Mark of an ENI = (slot + 1) shifted into the mask.
+# Calico (0xffff0000). Mark of an ENI = (slot + 1) shifted into the mask; the
+# mask's highest value (all its bits) marks a connection "seen, not from an
+# ENI", so that its packets never reach the per-ENI rules again; 0 = not seen.
 DEFAULT_MARK_MASK = 0x3F00
 
+# The chain only a connection's first packets enter (per-ENI marking).
 CHAIN_PREROUTING = "MULTI-ENI-PREROUTING"
+# Versions before issue 16 also had this chain: recognised, so that an upgrade
+# and a flush remove it.
 CHAIN_OUTPUT = "MULTI-ENI-OUTPUT"
+# Every rule of the tool's in a built-in chain (PREROUTING, OUTPUT) carries it.
 JUMP_COMMENT = "multi-eni-routing"
 
 # Loose reverse-path filtering: a DNATed packet's reverse route goes through
@@ -267,7 +273,9 @@ EniFamily = collections.namedtuple("EniFamily", "addresses added subnets gateway
 # links it put in ENI_GROUP.
 Rule = collections.namedtuple("Rule", "family priority src iif fwmark table suppress_prefixlength suppress_ifgroup")
 Route = collections.namedtuple("Route", "family table dst gateway dev")
-Mangle = collections.namedtuple("Mangle", "jumps chains")  # chains: ((name, (spec, ...)), ...)
+# Mangle: `jumps` = the tool's rules in the built-in chains ("HOOK spec", each
+# with the JUMP_COMMENT), `chains` = ((name, (spec, ...)), ...).
+Mangle = collections.namedtuple("Mangle", "jumps chains")
 Address = collections.namedtuple("Address", "dev cidr")
 OwnedState = collections.namedtuple("OwnedState", "rules routes mangle sysctls addresses groups")
 # Everything discovery read from the system.
@@ -452,7 +460,9 @@ def parse_routes(data, family):
 
 
 def parse_mangle(text):
-    """The tool's jumps and chains from `iptables-save -t mangle`."""
+    """The tool's rules and chains from `iptables-save -t mangle`: its chains,
+    and in the built-in chains every rule that carries its comment or jumps to
+    one of its chains (also those of earlier versions, so they are replaced)."""
     ours = (CHAIN_PREROUTING, CHAIN_OUTPUT)
     jumps, chains = [], collections.OrderedDict()
     for line in text.splitlines():
@@ -462,9 +472,16 @@ def parse_mangle(text):
             chain, _, spec = line[3:].partition(" ")
             if chain in ours:
                 chains.setdefault(chain, []).append(spec)
-            elif spec.endswith(tuple("-j " + name for name in ours)):
+            elif is_tool_rule(spec.split(" "), ours):
                 jumps.append("%s %s" % (chain, spec))
     return Mangle(tuple(sorted(jumps)), tuple(sorted((name, tuple(specs)) for name, specs in chains.items())))
+
+
+def is_tool_rule(words, ours):
+    """Whether a rule's words carry the tool's comment or jump to its chains."""
+    pairs = set(zip(words, words[1:]))
+    return ("--comment", JUMP_COMMENT) in pairs or any(("-j", name) in pairs or ("-g", name) in pairs
+                                                       for name in ours)
 
 
 def read_sysfs(root="/sys/class/net"):
@@ -1142,7 +1159,7 @@ def plan_family(eni, family, exclusive, mark_mask):
     if own.gateway:
         routes.add(Route(family, table, "default", own.gateway, eni.name))
     mine = [s for s in own.subnets if exclusive.get(s) == eni.name]
-    rules = {rule(family, PRIO_FWMARK + slot, table, fwmark=mark_of(eni, mark_mask))}
+    rules = {rule(family, PRIO_FWMARK + slot, table, fwmark=fwmark_of(eni, mark_mask))}
     rules |= {rule(family, PRIO_SOURCE + slot, table, src=str(s), iif="lo") for s in mine}
     rules |= {rule(family, PRIO_SOURCE + slot, table, src=str(p)) for p in own.prefixes}
     rules |= {rule(family, PRIO_SOURCE + slot, table, src=host_cidr(a))
@@ -1166,36 +1183,54 @@ def covers(network, value):
 
 
 def mark_capacity(mark_mask):
-    """How many ENIs the mask can number (mark 0 means unmarked)."""
+    """How many ENIs the mask can number: 0 means unmarked, all bits "seen"."""
     shift = (mark_mask & -mark_mask).bit_length() - 1
-    return mark_mask >> shift
+    return (mark_mask >> shift) - 1
+
+
+def mark_value(eni, mark_mask):
+    """The ENI's mark: slot + 1 shifted into the mask."""
+    shift = (mark_mask & -mark_mask).bit_length() - 1
+    return (eni.slot + 1) << shift
 
 
 def mark_of(eni, mark_mask):
-    """The ENI's connection mark as `value/mask`: slot + 1 shifted into the mask."""
-    shift = (mark_mask & -mark_mask).bit_length() - 1
-    return "%#x/%#x" % ((eni.slot + 1) << shift, mark_mask)
+    """The ENI's connection mark as `value/mask`, as CONNMARK sets it."""
+    return "%#x/%#x" % (mark_value(eni, mark_mask), mark_mask)
+
+
+def fwmark_of(eni, mark_mask):
+    """What the ENI's fwmark rule matches: exactly its mark, all 32 bits. The
+    tool restores a mark only onto a packet that has none, so its replies carry
+    exactly this; a mark of someone else's (wg-quick's 0xca6c, whose bits
+    overlap 0x3f00) never selects the ENI's table."""
+    return "%#x/0xffffffff" % mark_value(eni, mark_mask)
 
 
 def plan_mangle(enis, mark_mask):
     """Mark each connection by the ENI it came in on, from its first packet the
-    rules see (also of flows older than the tool); restore that mark on the
-    connection's replies, whatever interface they enter on, so routing sends
-    them back out of that ENI. Connections without the tool's mark, and so
-    other software's packet marks, are left alone."""
+    rules see (also of flows older than the tool), and a connection that came
+    in elsewhere as "seen"; restore an ENI's mark onto the connection's replies
+    that carry no mark, whatever interface they enter on, so routing sends them
+    back out of that ENI. So a packet of a marked or seen connection meets two
+    rules in PREROUTING and one in OUTPUT; only a connection's first packet
+    enters the per-ENI chain. Packets that carry a mark, and connections that
+    only this host or a container started, are left alone."""
     if not enis:
         return NO_MANGLE
+    tag = "-m comment --comment %s" % JUMP_COMMENT
     unmarked = "-m connmark --mark 0x0/%#x" % mark_mask
-    restore = ("-m conntrack --ctdir REPLY -m connmark ! --mark 0x0/%#x -j CONNMARK --restore-mark "
-               "--nfmask %#x --ctmask %#x" % (mark_mask, mark_mask, mark_mask))
-    prerouting = ["-i %s -m conntrack --ctdir ORIGINAL %s -j CONNMARK --set-xmark %s"
-                  % (eni.name, unmarked, mark_of(eni, mark_mask)) for eni in enis]
-    prerouting.append(restore)
+    # ctdir first: it turns away every packet of the other direction at once
+    restore = ("%s -m conntrack --ctdir REPLY -m connmark ! --mark 0x0/%#x -m connmark ! --mark %#x/%#x "
+               "-m mark --mark 0x0 -j CONNMARK --restore-mark --nfmask %#x --ctmask %#x"
+               % (tag, mark_mask, mark_mask, mark_mask, mark_mask, mark_mask))
+    first = "%s %s -m conntrack --ctdir ORIGINAL -j %s" % (tag, unmarked, CHAIN_PREROUTING)
+    marking = ["-i %s -j CONNMARK --set-xmark %s" % (eni.name, mark_of(eni, mark_mask)) for eni in enis]
+    marking.append("%s -j CONNMARK --set-xmark %#x/%#x" % (unmarked, mark_mask, mark_mask))
     # Sorted, as parse_mangle returns them, so that equal states compare equal.
     return Mangle(
-        jumps=tuple(sorted("%s -m comment --comment %s -j %s" % (hook, JUMP_COMMENT, chain)
-                           for hook, chain in (("PREROUTING", CHAIN_PREROUTING), ("OUTPUT", CHAIN_OUTPUT)))),
-        chains=tuple(sorted(((CHAIN_PREROUTING, tuple(prerouting)), (CHAIN_OUTPUT, (restore,))))))
+        jumps=tuple(sorted(["PREROUTING " + first, "PREROUTING " + restore, "OUTPUT " + restore])),
+        chains=((CHAIN_PREROUTING, tuple(marking)),))
 
 
 # -- The state the tool owns now, in the plan's shape. ----------------------------
@@ -2239,8 +2274,10 @@ EPILOG = (
     "Per ENI it adds a table, a rule for its connection mark and one per subnet that is the ENI's "
     "alone (per address only where a subnet is shared), plus one rule that lets main's routes win "
     "unless they go out through an ENI. Everything the tool adds carries its marker: rules and "
-    "routes protocol %d (tables %d-%d), link group %d, mangle chains %s and %s, and a state record "
-    "for the sysctls it changed and the addresses it added. Flush removes exactly that. Exit codes: "
+    "routes protocol %d (tables %d-%d), link group %d, mangle chain %s and rules commented %s, "
+    "and a state record for the sysctls it changed and the addresses it added. Connection marks "
+    "use the bits of --mark-mask only, and a packet that already has a mark keeps it. Flush "
+    "removes exactly that. Exit codes: "
     "0 success; 1 failure (nothing changed, or the run was rolled back), or with --status applied "
     "but stale; 2 bad usage; 3 with --status: nothing applied; 4 not root; 5 a required program "
     "is missing.")
@@ -2344,7 +2381,7 @@ def build_parser():
         description="Give every ENI of this EC2 instance its own policy routing, so that "
                     "every address of every ENI answers through its own ENI. Without an "
                     "action: apply (converge to the plan; safe to repeat).",
-        epilog=EPILOG % (RT_PROTO, TABLE_BASE, TABLE_LAST, ENI_GROUP, CHAIN_PREROUTING, CHAIN_OUTPUT))
+        epilog=EPILOG % (RT_PROTO, TABLE_BASE, TABLE_LAST, ENI_GROUP, CHAIN_PREROUTING, JUMP_COMMENT))
     action = parser.add_mutually_exclusive_group()
     action.add_argument("-f", "--flush", action="store_true",
                         help="remove every rule, route, chain and address the tool added and give "
@@ -2387,7 +2424,8 @@ def build_parser():
                              "that main's routes not through an ENI (containers, VPNs) win; "
                              "ignore does nothing about it" % PRIO_NETUTILS)
     parser.add_argument("--mark-mask", type=mark_mask_arg, default=DEFAULT_MARK_MASK, metavar="MASK",
-                        help="connmark bits the tool may use (default %#x)" % DEFAULT_MARK_MASK)
+                        help="connmark bits the tool may use, one run of at least 2 bits (default %#x: "
+                             "62 ENIs); move them when other software uses these bits" % DEFAULT_MARK_MASK)
     parser.add_argument("--refresh", type=refresh_arg, default=None, metavar="SECONDS",
                         help="with --watch: apply (and ask IMDS) at least this often, even without "
                              "events (default %d; 1 to 86400)" % REFRESH_DEFAULT)
@@ -2453,6 +2491,8 @@ def mark_mask_arg(text):
     run_of_bits = value >> ((value & -value).bit_length() - 1) if value > 0 else 0
     if not 0 < value <= 0xFFFFFFFF or run_of_bits & (run_of_bits + 1):
         raise argument_error("%r is not one run of set bits" % text)
+    if run_of_bits < 3:  # one bit: 0 is "unmarked", 1 "seen", no room for an ENI
+        raise argument_error("%r: give at least two bits" % text)
     return value
 
 

@@ -75,15 +75,15 @@ def imds(name):
 # applied-2eni its state record says from 1; version 1's record is not read, an
 # upgrade replaces it whole). Elsewhere rp_filter is 1 and there is no record.
 APPLIED_SYSCTLS = {"net/ipv4/conf/eth0/rp_filter": "2", "net/ipv4/conf/eth1/rp_filter": "2"}
-SYSCTLS = {"applied-2eni": APPLIED_SYSCTLS, "applied-v1": APPLIED_SYSCTLS}
-RECORDS = {"applied-2eni": {"sysctls": {key: {"original": "1", "set": value}
-                                        for key, value in APPLIED_SYSCTLS.items()}}}
+SYSCTLS = {"applied-2eni": APPLIED_SYSCTLS, "applied-v1": APPLIED_SYSCTLS, "applied-v2": APPLIED_SYSCTLS}
+RECORDS = {name: {"sysctls": {key: {"original": "1", "set": value} for key, value in APPLIED_SYSCTLS.items()}}
+           for name in ("applied-2eni", "applied-v2")}
 
 
 def plan_commands(name, use_imds=True, **options):
     """The commands an apply would run on the recorded instance as it is: a
     first apply, or where the tool's state is there already (applied-2eni,
-    applied-v1) what the diff against that state leaves to do."""
+    applied-v1, applied-v2) what the diff against that state leaves to do."""
     sys_ = system(name)
     record = RECORDS.get(name, {})
     enis = mer.select_enis(sys_, imds(name) if use_imds else None, **options)

@@ -60,7 +60,10 @@ def test_only_the_tools_own_rules_routes_and_chains_are_read_as_owned():
     applied = recorded.system("applied-2eni")
     assert {r.priority for r in applied.rules} == {20000, 20001, 20200, 20300, 20301}
     assert {r.table for r in applied.routes} == {22000, 22001}
-    assert dict(applied.mangle[4].chains).keys() == {mer.CHAIN_PREROUTING, mer.CHAIN_OUTPUT}
+    assert dict(applied.mangle[4].chains).keys() == {mer.CHAIN_PREROUTING}
+    assert [j.split(" ")[0] for j in applied.mangle[4].jumps] == ["OUTPUT", "PREROUTING", "PREROUTING"]
+    old = recorded.system("applied-v2")  # the layout before issue 16: both chains are the tool's
+    assert dict(old.mangle[4].chains).keys() == {mer.CHAIN_PREROUTING, mer.CHAIN_OUTPUT}
     assert {link.name for link in applied.links if link.group == mer.ENI_GROUP} == {"eth0", "eth1"}
 
 
@@ -234,23 +237,29 @@ def test_marks_stay_inside_the_mask_and_clear_of_other_users():
     for rule in desired.rules:
         if rule.fwmark:
             value, mask = (int(x, 16) for x in rule.fwmark.split("/"))
-            assert mask == mer.DEFAULT_MARK_MASK and value & ~mask == 0 and value
+            assert mask == 0xFFFFFFFF  # exactly the ENI's mark: no foreign mark selects its table
+            assert value & ~mer.DEFAULT_MARK_MASK == 0 and value and value != mer.DEFAULT_MARK_MASK
             assert not value & (0x4000 | 0x8000 | 0x80 | 0xFFFF0000)
 
 
 def test_a_custom_mark_mask_is_used_and_one_too_small_is_refused():
     enis = enis_of("nitro-ens5-ens6-ens7")
     assert {r.fwmark for r in mer.plan(enis, 0xF0000).rules if r.fwmark} == {
-        "0x10000/0xf0000", "0x20000/0xf0000", "0x30000/0xf0000"}
-    assert mer.mark_capacity(0x300) == 3 and mer.mark_capacity(mer.DEFAULT_MARK_MASK) == 63
-    with pytest.raises(mer.ToolError, match="3 ENIs, but room for 1"):
-        enis_of("nitro-ens5-ens6-ens7", max_slots=mer.mark_capacity(0x100))
+        "0x10000/0xffffffff", "0x20000/0xffffffff", "0x30000/0xffffffff"}
+    assert "-i ens5 -j CONNMARK --set-xmark 0x10000/0xf0000" in dict(mer.plan(enis, 0xF0000).mangle[4].chains)[
+        mer.CHAIN_PREROUTING]
+    # the mask's highest value means "seen, not from an ENI"
+    assert mer.mark_capacity(0x300) == 2 and mer.mark_capacity(mer.DEFAULT_MARK_MASK) == 62
+    with pytest.raises(mer.ToolError, match="3 ENIs, but room for 2"):
+        enis_of("nitro-ens5-ens6-ens7", max_slots=mer.mark_capacity(0x300))
 
 
 def test_mark_mask_option_wants_one_run_of_bits():
     assert mer.parse_args(["--mark-mask", "0xf00"]).mark_mask == 0xF00
     with pytest.raises(SystemExit):
         mer.parse_args(["--mark-mask", "0x101"])
+    with pytest.raises(SystemExit):
+        mer.parse_args(["--mark-mask", "0x100"])  # one bit: "unmarked" and "seen", no ENI
 
 
 def test_rp_filter_loose_on_every_routed_eni():
@@ -319,6 +328,79 @@ def test_mangle_in_sync_needs_nothing_and_a_duplicate_jump_is_repaired():
     doubled = mangle._replace(jumps=tuple(sorted(mangle.jumps + mangle.jumps[:1])))
     repair = mer.mangle_commands(mangle, doubled)
     assert [line.split(" ")[0] for line in repair if line.startswith(("-D", "-I"))] == ["-D", "-D", "-I"]
+
+
+# -- The data path (issue 16) and other software's marks (issue 18, item 9). ----------
+
+TAG = "-m comment --comment multi-eni-routing "
+
+
+def hook_rules(mangle, hook):
+    """The tool's rules in one built-in chain, without the chain's name."""
+    return [j[len(hook) + 1:] for j in mangle.jumps if j.startswith(hook + " ")]
+
+
+def test_a_packet_of_a_known_connection_meets_two_rules_and_only_first_packets_the_per_eni_rules():
+    mangle = mer.plan(enis_of("multi-card")).mangle[4]  # 5 ENIs
+    pre, out = hook_rules(mangle, "PREROUTING"), hook_rules(mangle, "OUTPUT")
+    assert len(pre) == 2 and len(out) == 1 and all(r.startswith(TAG) for r in pre + out)
+    # the per-ENI rules: only for a connection that has neither an ENI's mark nor "seen"
+    into = [r for r in pre if r.endswith("-j " + mer.CHAIN_PREROUTING)]
+    assert into == [TAG + "-m connmark --mark 0x0/0x3f00 -m conntrack --ctdir ORIGINAL -j MULTI-ENI-PREROUTING"]
+    assert dict(mangle.chains) == {mer.CHAIN_PREROUTING: tuple(
+        ["-i eth%d -j CONNMARK --set-xmark 0x%d00/0x3f00" % (n, n + 1) for n in range(5)]
+        + ["-m connmark --mark 0x0/0x3f00 -j CONNMARK --set-xmark 0x3f00/0x3f00"])}
+    # the restore: replies only, an ENI's mark only (not 0, not "seen"), onto no mark only
+    restore = (TAG + "-m conntrack --ctdir REPLY -m connmark ! --mark 0x0/0x3f00 -m connmark ! --mark "
+               "0x3f00/0x3f00 -m mark --mark 0x0 -j CONNMARK --restore-mark --nfmask 0x3f00 --ctmask 0x3f00")
+    assert [r for r in pre if r not in into] == out == [restore]
+
+
+def test_the_tools_rules_in_the_hooks_are_found_by_their_comment_and_no_others():
+    text = "\n".join([
+        "*mangle", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":MULTI-ENI-PREROUTING - [0:0]",
+        "-A PREROUTING -m comment --comment multi-eni-routing -m mark --mark 0x0 -j CONNMARK --restore-mark",
+        "-A PREROUTING -m comment --comment multi-eni-routing-not -j MARK --set-xmark 0x1/0x1",
+        "-A PREROUTING -j MULTI-ENI-PREROUTING",
+        "-A OUTPUT -m comment --comment kube -j MARK --set-xmark 0x4000/0x4000",
+        "-A MULTI-ENI-PREROUTING -i eth0 -j CONNMARK --set-xmark 0x100/0x3f00", "COMMIT"])
+    assert mer.parse_mangle(text) == mer.Mangle(
+        ("PREROUTING -j MULTI-ENI-PREROUTING",
+         "PREROUTING -m comment --comment multi-eni-routing -m mark --mark 0x0 -j CONNMARK --restore-mark"),
+        ((mer.CHAIN_PREROUTING, ("-i eth0 -j CONNMARK --set-xmark 0x100/0x3f00",)),))
+
+
+def test_an_upgrade_from_the_layout_before_issue_16_replaces_it_and_converges():
+    system = recorded.system("applied-v2")
+    owned = mer.owned_state(system, {})
+    desired = mer.plan(mer.select_enis(system, recorded.imds("applied-v2")),
+                       groups={link.name: link.group for link in system.links})
+    commands = mer.render(mer.diff(desired, owned, {}, {}))
+    mangle = [c for c in commands if c.startswith("iptables")]
+    old_jumps = ["iptables -t mangle -D OUTPUT -m comment --comment multi-eni-routing -j MULTI-ENI-OUTPUT",
+                 "iptables -t mangle -D PREROUTING -m comment --comment multi-eni-routing -j MULTI-ENI-PREROUTING"]
+    assert set(old_jumps) <= set(mangle)
+    assert mangle.index(old_jumps[0]) < mangle.index("iptables -t mangle -X MULTI-ENI-OUTPUT")
+    assert "iptables -t mangle -F MULTI-ENI-PREROUTING" in mangle
+    assert [c for c in commands if "fwmark" in c] == [
+        "ip -4 rule add priority 20001 fwmark 0x200/0xffffffff table 22001 protocol 231",
+        "ip -4 rule add priority 20000 fwmark 0x100/0xffffffff table 22000 protocol 231",
+        "ip -4 rule del priority 20000 fwmark 0x100/0x3f00 table 22000 protocol 231",
+        "ip -4 rule del priority 20001 fwmark 0x200/0x3f00 table 22001 protocol 231"]
+    now = mer.owned_state(recorded.system("applied-2eni"), {})  # what the new layout reads back as
+    assert now.mangle == desired.mangle and now.rules == desired.rules
+    flush = mer.render(mer.diff(EMPTY, owned, {}, {}))  # a flush of the old layout removes all of it
+    assert {"iptables -t mangle -X MULTI-ENI-OUTPUT", "iptables -t mangle -X MULTI-ENI-PREROUTING"} <= set(flush)
+    assert set(old_jumps) <= set(flush)
+
+
+def test_flush_removes_the_tools_rules_in_the_hooks_and_its_chain():
+    _, record, owned = applied()
+    commands = mer.render(mer.diff(EMPTY, owned, {}, mer.originals_of(record)))
+    mangle = [c for c in commands if c.startswith("iptables")]
+    assert len([c for c in mangle if c.startswith("iptables -t mangle -D ")]) == 3
+    assert mangle[-2:] == ["iptables -t mangle -F MULTI-ENI-PREROUTING", "iptables -t mangle -X MULTI-ENI-PREROUTING"]
+    assert all(TAG in c for c in mangle if " -D " in c)
 
 
 def test_ipv6_addresses_are_added_without_dad():
@@ -607,8 +689,8 @@ def test_an_upgrade_replaces_the_state_of_version_1_whole():
                        groups={link.name: link.group for link in system.links})
     commands = mer.render(mer.diff(desired, owned, {}, {}))
     deleted = [c for c in commands if " rule del " in c]
-    # all 9 rules of version 1 but its two fwmark rules, which version 2 has too
-    assert len(deleted) == 7 and not any("fwmark" in c for c in deleted)
+    # all 9 rules of version 1, the fwmark rules too (now exact, not masked)
+    assert len(deleted) == 9 and len([c for c in deleted if "fwmark 0x" in c and "/0x3f00" in c]) == 2
     assert any("suppress_prefixlength 0" in c for c in deleted)
     assert "ip -4 route del 198.51.100.0/24 via 203.0.113.1 dev eth1 table 22001 proto 231" in commands
     assert "iptables -t mangle -F MULTI-ENI-PREROUTING" in commands
@@ -637,7 +719,7 @@ def test_multi_card_enis_get_dense_slots_within_every_range():
         ("eth3", 10, 0, 3, 22003), ("eth4", 31, 0, 4, 22004)]
     rules = mer.plan(enis).rules
     assert max(r.priority for r in rules) == mer.PRIO_SOURCE + 4 <= mer.PRIO_LAST
-    assert {r.fwmark for r in rules if r.fwmark} == {"0x%d00/0x3f00" % n for n in range(1, 6)}
+    assert {r.fwmark for r in rules if r.fwmark} == {"0x%d00/0xffffffff" % n for n in range(1, 6)}
 
 
 def test_an_ipv6_only_eni_is_routed_for_ipv6_only():
