@@ -17,10 +17,17 @@ its priority and table ranges, its iptables chains, its state file), so a flush
 removes exactly that and nothing else.
 """
 
+import _signal  # the built-in half of `signal`: nothing to import before the next line
+import gc
+
+if __name__ == "__main__":
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # SIGINT while starting: ended, nothing changed
+    gc.disable()  # from the start, imports included: see run_as_program()
+
 import collections
+import contextlib
 import errno
 import fcntl
-import gc
 import ipaddress
 import os
 import re
@@ -136,17 +143,29 @@ PACKAGES = {
 
 
 class Log:
-    """Messages on stderr, filtered by level. (The logging module costs 5 ms of
-    start-up, a tenth of an in-sync run.)"""
+    """Messages on stderr (or syslog, for a daemon), filtered by level. (The
+    logging module costs 5 ms of start-up, a tenth of an in-sync run.)"""
 
     DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 
     def __init__(self):
         self.level = self.WARNING
+        self.syslog = None
 
     def emit(self, level, label, message, args):
-        if level >= self.level:
-            sys.stderr.write("%s: %s: %s\n" % (PROG, label, message % args if args else message))
+        if level < self.level:
+            return
+        text = message % args if args else message
+        if self.syslog:
+            self.syslog.syslog(SYSLOG_PRIORITIES[level], text)
+        else:
+            sys.stderr.write("%s: %s: %s\n" % (PROG, label, text))
+
+    def to_syslog(self):
+        """From now on, to syslog (a daemon has no stderr)."""
+        import syslog
+        syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_DAEMON)
+        self.syslog = syslog
 
     def debug(self, message, *args):
         self.emit(self.DEBUG, "debug", message, args)
@@ -159,6 +178,9 @@ class Log:
 
     def error(self, message, *args):
         self.emit(self.ERROR, "error", message, args)
+
+
+SYSLOG_PRIORITIES = {Log.DEBUG: 7, Log.INFO: 6, Log.WARNING: 4, Log.ERROR: 3}  # syslog's LOG_DEBUG .. LOG_ERR
 
 
 log = Log()
@@ -189,9 +211,9 @@ PROGRAM_ENV = dict(os.environ, LC_ALL="C")
 def run(argv, stdin=None):
     """Run argv (never through a shell), return its stdout; raise CommandError,
     also when the program cannot be started at all."""
-    import subprocess
     log.debug("run: %s", " ".join(argv))
     try:
+        import subprocess
         proc = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=PROGRAM_ENV, universal_newlines=True)
     except OSError as exc:
@@ -204,7 +226,6 @@ def run(argv, stdin=None):
 def run_together(commands):
     """run() each (argv, stdin) at the same time; their outputs in order. The
     first failure is raised once all have ended."""
-    import threading
     outputs, errors = [None] * len(commands), []
 
     def one(index, argv, stdin):
@@ -213,6 +234,7 @@ def run_together(commands):
         except CommandError as exc:
             errors.append(exc)
 
+    import threading
     threads = [threading.Thread(target=one, args=(index,) + tuple(command))
                for index, command in enumerate(commands) if index]
     for thread in threads:
@@ -280,9 +302,6 @@ Address = collections.namedtuple("Address", "dev cidr")
 OwnedState = collections.namedtuple("OwnedState", "rules routes mangle sysctls addresses groups")
 # Everything discovery read from the system.
 System = collections.namedtuple("System", "links main_routes rules foreign_rules routes mangle sysfs ipv6")
-# The changes to make: `ip` batch lines and iptables-restore lines by family,
-# plus sysctl writes (key, new, old).
-Changes = collections.namedtuple("Changes", "ip iptables sysctls")
 
 NO_MANGLE = Mangle((), ())
 NOTHING = OwnedState(frozenset(), frozenset(), {4: NO_MANGLE, 6: NO_MANGLE}, {}, frozenset(),
@@ -333,16 +352,17 @@ def read_outputs(programs, names=ALL_SOURCES):
     return outputs
 
 
+# The READ_COMMANDS whose output a command of each kind can alter.
+SOURCES_OF = {("ip", "rule"): "rule%d", ("ip", "route"): "route%d", ("ip", "address"): "addr",
+              ("ip", "link"): "addr", ("iptables", None): "mangle%d"}
+
+
 def sources_touched(changes):
     """The READ_COMMANDS whose output the changes can alter: verify re-reads only those."""
     names = set()
-    for family in FAMILIES:
-        if changes.ip[family]:
-            names |= {"rule%d" % family, "route%d" % family}
-        if any(line.startswith(("address", "link")) for line in changes.ip[family]):
-            names.add("addr")
-        if changes.iptables[family]:
-            names.add("mangle%d" % family)
+    for command in changes.commands:
+        kind = command.words[0] if command.tool == "ip" else None
+        names.add(SOURCES_OF[command.tool, kind].replace("%d", str(command.family)))
     return names
 
 
@@ -364,8 +384,8 @@ def parse_system(outputs, sysfs, ipv6=True):
 
 def load_json(text, what):
     """Parse a program's JSON output, as a ToolError when it is not JSON."""
-    import json
     try:
+        import json
         return json.loads(text or "[]")
     except ValueError:
         raise ToolError("could not parse the JSON output of %s" % what)
@@ -1233,22 +1253,205 @@ def plan_mangle(enis, mark_mask):
         chains=((CHAIN_PREROUTING, tuple(marking)),))
 
 
-# -- The state the tool owns now, in the plan's shape. ----------------------------
+# -- The state record: what the kernel cannot tell, typed and distrusted. ---------
+#
+# Everything else the tool owns is read back from the system by its markers. The
+# record keeps only what carries none: the sysctl values from before the tool
+# changed them, the addresses it added, the slots it gave (card, device) pairs.
+# It is written atomically and read with distrust: a record that does not
+# validate field by field is set aside, and the run goes on from the markers.
+
+RECORD_VERSION = 1  # records of the tool's first versions have no "version": the same layout
+RECORD_MAX_BYTES = 1 << 20  # 100 ENIs with 50 added addresses each write about 300 KiB
+
+# sysctls: {key: RecordedSysctl}; addresses: RecordedAddress sorted by (dev,
+# cidr); slots: {"card:device": slot}. `ifindex` ties an entry to the
+# interface it was made for: a new interface of the same name inherits nothing.
+Record = collections.namedtuple("Record", "sysctls addresses slots")
+RecordedSysctl = collections.namedtuple("RecordedSysctl", "original set ifindex")
+RecordedAddress = collections.namedtuple("RecordedAddress", "dev cidr ifindex")
+EMPTY_RECORD = Record({}, (), {})
+
+# The sysctls the tool writes, and the values the kernel takes for each: a
+# record naming another key (`..` in it, say) or value is not the tool's.
+SYSCTL_VALUES = {"rp_filter": ("0", "1", "2")}
+SYSCTL_KEY = re.compile(r"^net/ipv[46]/conf/([^/]+)/([a-z_]+)$")
+SLOT_PAIR = re.compile(r"^(\d{1,3}):(\d{1,3})$")
+IFINDEX_MAX = 2 ** 31 - 1
+
+
+class InvalidRecord(Exception):
+    """The state record is not one the tool wrote: set aside, never trusted."""
+
+
+def valid_ifname(name):
+    """A name the kernel allows and the tool can route (never . or ..)."""
+    return isinstance(name, str) and bool(SAFE_NAME.match(name)) and name not in (".", "..")
+
+
+def record_of(data):
+    """A Record from its JSON form, checked field by field; else InvalidRecord."""
+    if not isinstance(data, dict):
+        raise InvalidRecord("not a JSON object")
+    unknown = sorted(set(data) - {"version", "sysctls", "addresses", "slots"})
+    if unknown:
+        raise InvalidRecord("unknown field %r" % unknown[0][:40])
+    if data.get("version", RECORD_VERSION) != RECORD_VERSION:
+        raise InvalidRecord("version %r, not %d" % (str(data["version"])[:20], RECORD_VERSION))
+    return Record(
+        sysctls=dict(recorded_sysctl(key, entry) for key, entry in field_of(data, "sysctls", dict).items()),
+        addresses=tuple(sorted((recorded_address(entry) for entry in field_of(data, "addresses", list)),
+                               key=lambda address: address[:2])),
+        slots=dict(recorded_slot(key, slot) for key, slot in field_of(data, "slots", dict).items()))
+
+
+def field_of(data, name, kind):
+    """data[name], which must be a `kind` (dict or list) if present."""
+    value = data.get(name, kind())
+    if type(value) is not kind:
+        raise InvalidRecord("%s is not a JSON %s" % (name, "array" if kind is list else "object"))
+    return value
+
+
+def recorded_sysctl(key, entry):
+    """(key, RecordedSysctl): a key of the form the tool writes, values the kernel takes."""
+    match = SYSCTL_KEY.match(key)
+    if not match or not valid_ifname(match.group(1)) or match.group(2) not in SYSCTL_VALUES:
+        raise InvalidRecord("sysctl %r is not one the tool writes" % key[:80])
+    if not isinstance(entry, dict) or set(entry) - {"original", "set", "ifindex"}:
+        raise InvalidRecord("sysctl %s: not an entry of the tool's" % key)
+    for name in ("original", "set"):
+        if not isinstance(entry.get(name), str) or entry[name] not in SYSCTL_VALUES[match.group(2)]:
+            raise InvalidRecord("sysctl %s: %s %r is not a value of %s"
+                                % (key, name, str(entry.get(name))[:20], match.group(2)))
+    return key, RecordedSysctl(entry["original"], entry["set"], recorded_ifindex(entry.get("ifindex")))
+
+
+def recorded_address(entry):
+    """A RecordedAddress from [dev, "address/32 or /128", ifindex]."""
+    if not isinstance(entry, list) or len(entry) not in (2, 3):
+        raise InvalidRecord("an address entry is not [dev, cidr, ifindex]")
+    dev, cidr = entry[:2]
+    if not valid_ifname(dev):
+        raise InvalidRecord("address entry: %r is not an interface name" % str(dev)[:20])
+    try:
+        address = ipaddress.ip_interface(cidr if isinstance(cidr, str) else "-")
+    except ValueError:
+        address = None
+    if address is None or host_cidr(str(address.ip)) != cidr:
+        raise InvalidRecord("address entry: %r is not one address" % str(cidr)[:50])
+    return RecordedAddress(dev, cidr, recorded_ifindex(entry[2] if len(entry) > 2 else None))
+
+
+def recorded_ifindex(value):
+    """None (not known) or an interface index."""
+    if value is not None and (type(value) is not int or not 0 < value <= IFINDEX_MAX):
+        raise InvalidRecord("%r is not an interface index" % str(value)[:20])
+    return value
+
+
+def recorded_slot(key, slot):
+    """("card:device", slot), each number in its range."""
+    match = SLOT_PAIR.match(key)
+    if not match or max(int(match.group(1)), int(match.group(2))) > 255:
+        raise InvalidRecord("slot key %r is not card:device" % key[:20])
+    if type(slot) is not int or not 0 <= slot < SLOTS_MAX:
+        raise InvalidRecord("slot %r of %s is out of range" % (str(slot)[:20], key))
+    return key, slot
+
+
+def record_data(record):
+    """The record's JSON form."""
+    return {"version": RECORD_VERSION,
+            "sysctls": {key: {"original": entry.original, "set": entry.set, "ifindex": entry.ifindex}
+                        for key, entry in record.sysctls.items()},
+            "addresses": [list(address) for address in record.addresses],
+            "slots": record.slots}
+
+
+def state_path(state_dir, netns):
+    """The state record of this network namespace (by its inode)."""
+    return os.path.join(state_dir, "state-netns-%d.json" % netns)
+
+
+def load_record(path):
+    """The state record at `path` (EMPTY_RECORD if there is none); InvalidRecord
+    if it is not one the tool wrote."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(RECORD_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return EMPTY_RECORD
+    except OSError as exc:  # a directory, unreadable: not the tool's
+        raise InvalidRecord(exc.strerror or str(exc))
+    if len(text) > RECORD_MAX_BYTES:
+        raise InvalidRecord("larger than %d bytes" % RECORD_MAX_BYTES)
+    try:
+        import json
+        data = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+        raise InvalidRecord("not JSON: %s" % str(exc)[:80])
+    return record_of(data)
+
+
+def set_record_aside(path, why):
+    """Move a record that does not validate out of the way, saying so once."""
+    aside = path + ".invalid"
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        log.warning("state record %s is not valid (%s), and cannot be set aside (%s): ignored",
+                    path, why, exc.strerror or exc)
+        return
+    log.warning("state record %s is not valid (%s): set aside as %s; going on from what the system shows",
+                path, why, aside)
+
+
+def save_record(path, record, unchanged_from=None):
+    """Write the record atomically, or remove it when there is nothing to
+    remember; raise ToolError if it cannot be done."""
+    if record == unchanged_from:
+        return
+    try:
+        if not (record.sysctls or record.addresses or record.slots):
+            if os.path.lexists(path):
+                os.unlink(path)
+            return
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        import json
+        write_atomically(path, json.dumps(record_data(record), indent=1, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise ToolError("cannot write the state record %s: %s" % (path, exc.strerror or exc))
+
+
+def write_atomically(path, text):
+    """Write `text` to a temporary file renamed over `path`; the temporary file
+    is gone whatever happens (ENOSPC shows at close, not at write)."""
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
 
 def live_record(record, links):
-    """The state record without entries of interfaces that are gone: an entry
-    names its interface and ifindex, so a new interface of the same name never
+    """The record without entries of interfaces that are gone: an entry names
+    its interface and ifindex, so a new interface of the same name never
     inherits the old one's sysctls or addresses."""
     index = {link.name: link.index for link in links}
 
     def alive(dev, ifindex):
         return dev in index and ifindex in (None, index[dev])
 
-    sysctls = {key: entry for key, entry in record.get("sysctls", {}).items()
-               if alive(sysctl_device(key), entry.get("ifindex"))}
-    addresses = [entry for entry in record.get("addresses", [])
-                 if alive(entry[0], entry[2] if len(entry) > 2 else None)]
-    return dict(record, sysctls=sysctls, addresses=addresses)
+    return record._replace(
+        sysctls={key: entry for key, entry in record.sysctls.items() if alive(sysctl_device(key), entry.ifindex)},
+        addresses=tuple(a for a in record.addresses if alive(a.dev, a.ifindex)))
 
 
 def sysctl_device(key):
@@ -1257,17 +1460,53 @@ def sysctl_device(key):
 
 
 def originals_of(record):
-    """Sysctl values from before the tool changed them: the one piece of state
-    that cannot be read back from the system itself."""
-    return {key: entry["original"] for key, entry in record.get("sysctls", {}).items()}
+    """Sysctl values from before the tool changed them."""
+    return {key: entry.original for key, entry in record.sysctls.items()}
 
+
+def merge_record(record, desired, changes, enis):
+    """The record for this run: originals kept from the first change on, the
+    addresses the tool adds, the slots it gives. Written before applying, so
+    that a crash midway still knows what to give back."""
+    index = {eni.name: eni.index for eni in enis}
+    sysctls = dict(record.sysctls)
+    for key, new, old in changes.sysctls:
+        if key in desired.sysctls and key not in sysctls:
+            sysctls[key] = RecordedSysctl(old, new, index.get(sysctl_device(key)))
+    known = {address[:2] for address in record.addresses}
+    added = tuple(RecordedAddress(a.dev, a.cidr, index.get(a.dev)) for a in desired.addresses
+                  if (a.dev, a.cidr) not in known)
+    return Record(sysctls, tuple(sorted(record.addresses + added, key=lambda address: address[:2])),
+                  remembered_slots(record, enis))
+
+
+def pruned_record(record, desired, enis):
+    """The record once the system matches `desired` (a flush forgets the slots too)."""
+    wanted = {(a.dev, a.cidr) for a in desired.addresses}
+    return Record({key: entry for key, entry in record.sysctls.items() if key in desired.sysctls},
+                  tuple(a for a in record.addresses if a[:2] in wanted),
+                  remembered_slots(record, enis) if enis else {})
+
+
+def remembered_slots(record, enis):
+    """Slots by (card, device) pair: this run's, and those of pairs not here now
+    (a re-attached ENI gets its numbers back) unless their slot was given away."""
+    slots = {pair_key((eni.network_card, eni.device_number)): eni.slot for eni in enis}
+    taken = set(slots.values())
+    for key, slot in sorted(record.slots.items()):
+        if key not in slots and slot not in taken:
+            slots[key] = slot
+    return slots
+
+
+# -- The state the tool owns now, in the plan's shape. ----------------------------
 
 def owned_state(system, record):
     """What of the running system is the tool's: by marker, or by its state record."""
     present = {(link.name, a.ip) for link in system.links for family in FAMILIES for a in link.addresses[family]}
-    addresses = frozenset(Address(entry[0], entry[1]) for entry in record.get("addresses", [])
-                          if (entry[0], entry[1].split("/")[0]) in present)
-    sysctls = {key: entry["set"] for key, entry in record.get("sysctls", {}).items()}
+    addresses = frozenset(Address(a.dev, a.cidr) for a in record.addresses
+                          if (a.dev, a.cidr.split("/")[0]) in present)
+    sysctls = {key: entry.set for key, entry in record.sysctls.items()}
     groups = frozenset(link.name for link in system.links if link.group == ENI_GROUP)
     return OwnedState(frozenset(system.rules), frozenset(system.routes), system.mangle, sysctls, addresses,
                       groups)
@@ -1275,15 +1514,28 @@ def owned_state(system, record):
 
 # -- Diff (pure): the commands that take the system from current to desired. ------
 
+# One command of a plan: `tool` "ip" or "iptables" (its mangle table);
+# `family` 4 or 6, None for a link (family-less); `words` as the batch line
+# has them; `why` a note --dry-run prints (or ""). Rendered to text only at
+# the edge: the batches, --dry-run, the pending lines of --status.
+Command = collections.namedtuple("Command", "tool family words why")
+# A sysctl write, and the value it replaces (to give back on roll back).
+SysctlWrite = collections.namedtuple("SysctlWrite", "key new old")
+# The changes to make: Commands in the order they run within their batch,
+# and SysctlWrites (made once the batches are done).
+Changes = collections.namedtuple("Changes", "commands sysctls")
+NO_CHANGES = Changes((), ())
+
+
 def diff(desired, current, sysctl_values, originals):
-    """Commands per tool, ordered so that nothing points at what is not there yet:
-    addresses, links, then routes, then rules are added; removals run the other
-    way. Rules are added highest priority first and removed lowest first: the
-    kernel keeps them in a list by priority, so each one is then found near its
-    head."""
-    ip = {}
+    """The Changes, ordered so that nothing points at what is not there yet:
+    addresses, links, then routes, then rules are added; removals run the
+    other way. Rules are added highest priority first and removed lowest
+    first: the kernel keeps them in a list by priority, so each one is then
+    found near its head."""
+    commands = []
     for family in FAMILIES:
-        ip[family] = (
+        commands += (
             [address_command("add", a) for a in sorted(desired.addresses - current.addresses)
              if family_of(a.cidr) == family]
             + (group_commands(desired.groups, current.groups) if family == 4 else [])
@@ -1295,10 +1547,10 @@ def diff(desired, current, sysctl_values, originals):
             + route_removals(desired.routes, current.routes, family)
             + [address_command("del", a) for a in sorted(current.addresses - desired.addresses)
                if family_of(a.cidr) == family])
-    return Changes(
-        ip=ip,
-        iptables={family: mangle_commands(desired.mangle[family], current.mangle[family]) for family in FAMILIES},
-        sysctls=sysctl_writes(desired.sysctls, current.sysctls, sysctl_values, originals))
+    for family in FAMILIES:
+        commands += [Command("iptables", family, tuple(line.split()), "")
+                     for line in mangle_commands(desired.mangle[family], current.mangle[family])]
+    return Changes(tuple(commands), tuple(sysctl_writes(desired.sysctls, current.sysctls, sysctl_values, originals)))
 
 
 def family_of(cidr):
@@ -1337,9 +1589,11 @@ def route_removals(desired, current, family):
 
 
 def group_commands(desired, current):
-    """Links into ENI_GROUP, and back to the default group 0."""
-    return (["link set dev %s group %d" % (name, ENI_GROUP) for name in sorted(desired - current)]
-            + ["link set dev %s group default" % name for name in sorted(current - desired)])
+    """Links into ENI_GROUP, and back to the default group 0 (family-less)."""
+    return ([Command("ip", None, ("link", "set", "dev", name, "group", str(ENI_GROUP)), "")
+             for name in sorted(desired - current)]
+            + [Command("ip", None, ("link", "set", "dev", name, "group", "default"), "")
+               for name in sorted(current - desired)])
 
 
 def rule_command(verb, rule):
@@ -1355,21 +1609,24 @@ def rule_command(verb, rule):
         words += ["suppress_prefixlength", str(rule.suppress_prefixlength)]
     if rule.suppress_ifgroup is not None:
         words += ["suppress_ifgroup", str(rule.suppress_ifgroup)]
-    return " ".join(words + ["protocol", str(RT_PROTO)])
+    return Command("ip", rule.family, tuple(words + ["protocol", str(RT_PROTO)]), "")
 
 
 def route_command(verb, route):
     words = ["route", verb, route.dst]
     if route.gateway:
         words += ["via", route.gateway]
-    return " ".join(words + ["dev", route.dev, "table", str(route.table), "proto", str(RT_PROTO)])
+    return Command("ip", route.family, tuple(words + ["dev", route.dev, "table", str(route.table),
+                                                      "proto", str(RT_PROTO)]), "")
 
 
 def address_command(verb, address):
     # nodad: the VPC already guarantees the address is this ENI's alone;
     # noprefixroute: a /128 needs no route in main (local delivery is in `local`).
-    extra = " nodad noprefixroute" if verb == "add" and family_of(address.cidr) == 6 else ""
-    return "address %s %s dev %s%s" % (verb, address.cidr, address.dev, extra)
+    family = family_of(address.cidr)
+    extra = ("nodad", "noprefixroute") if verb == "add" and family == 6 else ()
+    why = "assigned in IMDS, not configured" if verb == "add" else "added by this tool, no longer assigned"
+    return Command("ip", family, ("address", verb, address.cidr, "dev", address.dev) + extra, why)
 
 
 def mangle_commands(desired, current):
@@ -1401,54 +1658,63 @@ def sysctl_writes(desired, owned, values, originals):
     writes = []
     for key, value in sorted(desired.items()):
         if values.get(key) is not None and values[key] != value:
-            writes.append((key, value, values[key]))
+            writes.append(SysctlWrite(key, value, values[key]))
     for key, ours in sorted(owned.items()):
         original = originals.get(key)
         if key not in desired and values.get(key) == ours and original not in (None, ours):
-            writes.append((key, original, ours))
+            writes.append(SysctlWrite(key, original, ours))
     return writes
 
 
-def annotate(command):
-    if command.startswith("address add"):
-        return command + "  # assigned in IMDS, not configured"
-    if command.startswith("address del"):
-        return command + "  # added by this tool, no longer assigned"
-    return command
-
-
 def is_empty(changes):
-    return not (any(changes.ip.values()) or any(changes.iptables.values()) or changes.sysctls)
+    return not (changes.commands or changes.sysctls)
 
+
+# -- The edge: commands rendered to text, once. -----------------------------------
 
 def render(changes):
-    """The changes as the exact commands, one per line, for --dry-run and logs.
-    Address lines say why, as a shell comment: the tool only adds and removes
-    addresses that IMDS assigns (or assigned) to the ENI."""
-    lines = []
-    for family in FAMILIES:
-        lines += [("ip " if c.startswith("link") else "ip -%d " % family) + annotate(c) for c in changes.ip[family]]
-    lines += ["iptables -t mangle " + c for c in changes.iptables[4]]
-    lines += ["ip6tables -t mangle " + c for c in changes.iptables[6]]
-    lines += ["sysctl -w %s=%s" % (key.replace("/", "."), new) for key, new, _ in changes.sysctls]
-    return lines
+    """The changes as the exact commands, one per line, for --dry-run, --status
+    and errors. Address lines say why, as a shell comment: the tool only adds
+    and removes addresses that IMDS assigns (or assigned) to the ENI."""
+    lines = [shown(command) for command in changes.commands]
+    return lines + ["sysctl -w %s=%s" % (write.key.replace("/", "."), write.new) for write in changes.sysctls]
 
 
-# -- Apply: one batch per tool; the state record; verify; roll back. --------------
+def shown(command):
+    """One command as an admin would type it."""
+    if command.tool == "iptables":
+        prefix = "iptables -t mangle" if command.family == 4 else "ip6tables -t mangle"
+    else:
+        prefix = "ip" if command.family is None else "ip -%d" % command.family
+    return "%s %s%s" % (prefix, " ".join(command.words), "  # " + command.why if command.why else "")
+
+
+def batches(programs, changes):
+    """(argv, stdin) of each batch: ip and iptables-restore per family. Link
+    lines are family-less and go in IPv4's batch, on purpose (`ip -4` does not
+    restrict `link`): a process fewer."""
+    ip = {family: [" ".join(c.words) for c in changes.commands if c.tool == "ip"
+                   and (c.family or 4) == family] for family in FAMILIES}
+    mangle = {family: [" ".join(c.words) for c in changes.commands if c.tool == "iptables"
+                       and c.family == family] for family in FAMILIES}
+    return [(argv, "\n".join(lines) + "\n") for argv, lines in [
+        ([programs["ip"], "-4", "-batch", "-"], ip[4]),
+        ([programs["ip"], "-6", "-batch", "-"], ip[6]),
+        ([programs["iptables-restore"], "-w", "10", "--noflush"], mangle_script(mangle[4])),
+        ([programs["ip6tables-restore"], "-w", "10", "--noflush"], mangle_script(mangle[6])),
+    ] if lines]
+
+
+# -- Apply: one batch per tool; then the sysctls. ---------------------------------
 
 def apply_changes(programs, changes, fail_after=0):
     """Run the batches, ip and iptables-restore per family, all at once (they
     touch independent parts of the kernel, and each is ordered in itself);
     then the sysctls. `fail_after` N > 0 (a test hook) fails the run after its
     Nth step; the batches finish together, so for N up to their number all ran."""
-    batches = [(argv, "\n".join(lines) + "\n") for argv, lines in [
-        ([programs["ip"], "-4", "-batch", "-"], changes.ip[4]),
-        ([programs["ip"], "-6", "-batch", "-"], changes.ip[6]),
-        ([programs["iptables-restore"], "-w", "10", "--noflush"], mangle_script(changes.iptables[4])),
-        ([programs["ip6tables-restore"], "-w", "10", "--noflush"], mangle_script(changes.iptables[6])),
-    ] if lines]
-    run_together(batches)
-    done = len(batches)
+    commands = batches(programs, changes)
+    run_together(commands)
+    done = len(commands)
     if changes.sysctls and not 0 < fail_after <= done:
         write_sysctls(changes.sysctls)
         done += 1
@@ -1463,166 +1729,302 @@ def mangle_script(lines):
 
 
 def write_sysctls(writes):
+    """Write each SysctlWrite's new value."""
     for key, value, _ in writes:
         log.debug("sysctl: %s = %s", key, value)
         with open("/proc/sys/" + key, "w") as handle:
             handle.write(value)
 
 
-def state_path(state_dir, netns):
-    """The state record of this network namespace (by its inode)."""
-    return os.path.join(state_dir, "state-netns-%d.json" % netns)
-
-
-def load_record(path):
-    """The state record: sysctl originals, addresses the tool added, slots given."""
-    import json
-    try:
-        with open(path) as handle:
-            record = json.load(handle)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise ToolError("cannot read the state record %s: %s" % (path, exc))
-    return record if isinstance(record, dict) else {}
-
-
-def save_record(path, record, unchanged_from=None):
-    """Write the record atomically; remove it when there is nothing to remember."""
-    import json
-    if record == unchanged_from:
-        return
-    if not any(record.get(key) for key in ("sysctls", "addresses", "slots")):
-        if os.path.exists(path):
-            os.unlink(path)
-        return
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump(record, handle, indent=1, sort_keys=True)
-    os.replace(temporary, path)
-
-
-def merge_record(record, desired, changes, enis):
-    """The record after this run: originals kept from the first change on, the
-    addresses the tool added, the slots it gave. Written before applying, so
-    that a crash midway still knows what to give back."""
-    index = {eni.name: eni.index for eni in enis}
-    sysctls = dict(record.get("sysctls", {}))
-    for key, new, old in changes.sysctls:
-        if key in desired.sysctls:
-            sysctls.setdefault(key, {"original": old, "set": new, "ifindex": index.get(sysctl_device(key))})
-    addresses = {tuple(entry[:2]): entry for entry in record.get("addresses", [])}
-    for address in desired.addresses:
-        addresses.setdefault((address.dev, address.cidr), [address.dev, address.cidr, index.get(address.dev)])
-    return {"sysctls": sysctls, "addresses": [addresses[key] for key in sorted(addresses)],
-            "slots": remembered_slots(record, enis)}
-
-
-def final_record(record, desired, enis):
-    """The record once the system matches `desired` (a flush forgets the slots too)."""
-    wanted = {(a.dev, a.cidr) for a in desired.addresses}
-    return {"sysctls": {k: v for k, v in record.get("sysctls", {}).items() if k in desired.sysctls},
-            "addresses": [entry for entry in record.get("addresses", []) if tuple(entry[:2]) in wanted],
-            "slots": remembered_slots(record, enis) if enis else {}}
-
-
-def remembered_slots(record, enis):
-    """Slots by (card, device) pair: this run's, and those of pairs not here now
-    (a re-attached ENI gets its numbers back) unless their slot was given away."""
-    slots = {pair_key((eni.network_card, eni.device_number)): eni.slot for eni in enis}
-    taken = set(slots.values())
-    for key, slot in record.get("slots", {}).items():
-        if key not in slots and slot not in taken:
-            slots[key] = slot
-    return slots
-
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT (not an Exception: nothing swallows it by accident)."""
+
+
 # The watcher's reload (systemctl reload): start again with the same arguments.
 RELOAD_SIGNAL = signal.SIGHUP
 
 
+class Reload(Stopped):
+    """SIGHUP: leave the loop and start again with the same arguments (which
+    reads the options file again); the routing stays in place meanwhile."""
+
+
 class stop_signals_held:  # noqa: N801 (a context manager, used like a function)
-    """SIGTERM, SIGINT and SIGHUP wait while the system is being changed: a stop
-    or a reload comes after the apply, its verification and any roll back,
-    never half way."""
+    """SIGTERM and SIGINT wait while the system is being changed: a stop comes
+    after the apply, its verification and any roll back, never half way. One
+    that came meanwhile is handled on the way out, inside the `with`, so the
+    caller knows it came after the change. `then`: the handler from there on
+    (a one-off run ignores them once its change is made: it is ending anyway)."""
+
+    def __init__(self, then=None):
+        self.then = then
 
     def __enter__(self):
         import threading
         if threading.current_thread() is threading.main_thread():
-            self.held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS + (RELOAD_SIGNAL,))
+            self.held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         else:
             self.held = None
 
     def __exit__(self, *exc):
-        if self.held is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.held)
+        if self.held is None:
+            return
+        pending = [signum for signum in STOP_SIGNALS if signum in signal.sigpending()]
+        for signum in pending:
+            signal.sigtimedwait([signum], 0)  # taken off the queue: handled below, now
+        if self.then is not None:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self.then)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.held)
+        for signum in pending:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
-class Run:
-    """One converge run: reads the system, applies, verifies, rolls back."""
+# -- Converge: one path for a one-off run and for every cycle of the watcher. -----
 
-    def __init__(self, programs, state_file, fail_after=0):
-        self.programs = programs
-        self.state_file = state_file
-        self.fail_after = fail_after
-        self.outputs = {}
+# Built once per process: the options, the programs found, the state record's
+# path, the lock, and the test hooks (a test injects them here, nowhere else).
+Context = collections.namedtuple("Context", "options programs state_file lock hooks")
+# `fail_after` N > 0 fails an apply after its Nth step (MULTI_ENI_ROUTING_FAIL_AFTER).
+Hooks = collections.namedtuple("Hooks", "fail_after")
+NO_HOOKS = Hooks(fail_after=0)
+# What one converge found and did: `changes` made (pending, for a read-only
+# run); `netutils` what it found of amazon-ec2-net-utils; `stopped`: a stop
+# signal came while the change was being made, which was completed first.
+Outcome = collections.namedtuple("Outcome", "options enis desired owned changes netutils started stopped")
 
-    def read(self, sources=ALL_SOURCES):
-        """The system, read again from `sources` only (the rest as last read)."""
-        self.outputs.update(read_outputs(self.programs, sources))
-        return parse_system(self.outputs, read_sysfs(), ipv6_enabled())
+PROGRAMS = ("ip", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore")
 
-    def read_record(self, system):
-        """The state record, without the entries of interfaces that are gone."""
-        return live_record(load_record(self.state_file), system.links)
 
-    def changes(self, desired, owned, record):
-        keys = set(desired.sysctls) | set(owned.sysctls)
-        return diff(desired, owned, read_sysctls(keys), originals_of(record))
+def make_context(options, hooks=NO_HOOKS):
+    """The Context of this process: root, a kernel that keeps rule protocols,
+    the programs (one iptables backend), this namespace's state record."""
+    if os.geteuid() != 0:
+        raise ToolError("must run as root", EXIT_NOT_ROOT)
+    if kernel_version() < (4, 17):
+        # Older kernels drop a rule's protocol: the tool could not recognise its
+        # own rules, so it could neither keep them in sync nor remove them.
+        raise ToolError("Linux %s is too old: ip rules carry their protocol from 4.17 on"
+                        % os.uname().release)
+    programs = find_programs(PROGRAMS)
+    check_iptables_backends(programs)
+    return Context(options, programs, state_path(options.state_dir, netns_id()), Lock(options.state_dir), hooks)
 
-    def converge(self, desired, owned, record, enis):
-        """Apply, verify, and roll back to where it started if anything fails."""
-        changes = self.changes(desired, owned, record)
+
+def iptables_backend(path):
+    """"nft" or "legacy" for an xtables program, None when it does not say."""
+    match = re.match(r"^(?:xtables|ip6?tables)-(nft|legacy)(?:-multi|-save|-restore)$",
+                     os.path.basename(os.path.realpath(path)))
+    return match.group(1) if match else None
+
+
+def check_iptables_backends(programs):
+    """iptables-save and iptables-restore of different backends (nft, legacy)
+    would write chains the save never shows: verification fails, and the roll
+    back cannot see what to undo. Refused before anything changes."""
+    for save, restore in (("iptables-save", "iptables-restore"), ("ip6tables-save", "ip6tables-restore")):
+        backends = [iptables_backend(programs[name]) for name in (save, restore)]
+        if None not in backends and backends[0] != backends[1]:
+            raise ToolError("%s is %s but %s is %s: make them one backend (update-alternatives --config "
+                            "iptables)" % (save, backends[0], restore, backends[1]))
+
+
+def read_only(options):
+    """--status and --dry-run change nothing and take no lock."""
+    return options.status or options.dry_run
+
+
+def read_system(programs, sources=ALL_SOURCES, earlier=None):
+    """(outputs, System): the READ_COMMANDS named in `sources` run now, the
+    others' outputs taken from `earlier` (a verify re-reads only what it touched)."""
+    outputs = dict(earlier or {})
+    outputs.update(read_outputs(programs, sources))
+    return outputs, parse_system(outputs, read_sysfs(), ipv6_enabled())
+
+
+def read_record(context, system):
+    """The state record, without the entries of interfaces that are gone. One
+    that does not validate is set aside (by a run that holds the lock) and the
+    run goes on without it."""
+    try:
+        record = load_record(context.state_file)
+    except InvalidRecord as exc:
+        if read_only(context.options):
+            log.warning("state record %s is not valid (%s): ignored", context.state_file, exc)
+        else:
+            set_record_aside(context.state_file, exc)
+        record = EMPTY_RECORD
+    return live_record(record, system.links)
+
+
+def changes_between(desired, owned, record):
+    """The Changes that take `owned` to `desired` (sysctls as they are now)."""
+    values = read_sysctls(set(desired.sysctls) | set(owned.sysctls))
+    return diff(desired, owned, values, originals_of(record))
+
+
+def desired_state(options, system, owned, record, netutils=None):
+    """(ENIs, owned state to converge to): empty for a flush. With net-utils
+    present and --net-utils coexist, its addresses are its own: none are added."""
+    if options.flush:
+        return [], NOTHING
+    coexist = bool(netutils and netutils.present) and options.net_utils == "coexist"
+    if coexist:
+        log.info("amazon-ec2-net-utils is present: coexisting (rule %d ahead of its rules, "
+                 "no addresses added from IMDS)", PRIO_NETUTILS)
+    imds = discover_imds(options, system)
+    enis = select_enis(system, imds, options.interface, options.exclude,
+                       add_from_imds=not (options.no_imds_addresses or coexist), owned_addresses=owned.addresses,
+                       remembered=record.slots,
+                       max_slots=min(SLOTS_MAX, TABLE_LAST - TABLE_BASE + 1, mark_capacity(options.mark_mask)))
+    for eni in enis:
+        log.info("ENI %s: table %d, %s, %d IPv4 and %d IPv6 addresses", eni.name, table_of(eni),
+                 "from IMDS" if eni.origin == "imds" else "found locally",
+                 len(eni.families[4].addresses), len(eni.families[6].addresses))
+    desired = plan(enis, options.mark_mask, {link.name: link.group for link in system.links}, coexist)
+    if imds is None:  # no full answer: never remove addresses added earlier
+        desired = desired._replace(addresses=desired.addresses | owned.addresses)
+    return enis, desired
+
+
+def converge(context):
+    """One run, the same for a one-off and a watcher cycle: read, plan, diff;
+    unless read-only, apply, verify, and roll back on failure. Its Outcome, or
+    a ToolError that says whether it was rolled back and what stays if not."""
+    started = time.monotonic()
+    with contextlib.nullcontext() if read_only(context.options) else context.lock:
+        outputs, system = read_system(context.programs)
+        record = read_record(context, system)
+        owned = owned_state(system, record)
+        options = check_interfaces(context.options, system)
+        netutils = find_netutils(system)
+        enis, desired = desired_state(options, system, owned, record, netutils)
+        changes = changes_between(desired, owned, record)
+        outcome = Outcome(options, enis, desired, owned, changes, netutils, started, stopped=False)
+        if read_only(options):
+            return outcome
         if is_empty(changes):
-            save_record(self.state_file, final_record(merge_record(record, desired, changes, enis), desired, enis),
+            keep_record(context, pruned_record(merge_record(record, desired, changes, enis), desired, enis),
                         unchanged_from=record)
-            return changes
-        merged = merge_record(record, desired, changes, enis)
-        with stop_signals_held():
-            save_record(self.state_file, merged)
-            try:
-                apply_changes(self.programs, changes, self.fail_after)
-                now = owned_state(self.read(sources_touched(changes)), merged)
-                left = self.changes(desired, now, merged)
-                if not is_empty(left):
-                    raise ToolError("verification failed: still pending: %s" % render(left)[0])
-            except (ToolError, OSError) as exc:
-                self.roll_back(owned, record, merged, changes)
-                raise ToolError("%s; rolled back to the state before the run" % exc)
-            save_record(self.state_file, final_record(merged, desired, enis))
-        return changes
+            return outcome
+        return apply_verified(context, outcome, outputs, record)
 
-    def roll_back(self, before, record, merged, changes):
-        """Converge back to the owned state read before the run (`merged`: the
-        record written for this run, which knows what it added)."""
-        try:
-            now = owned_state(self.read(), merged)
-            undo = self.changes(before, now, merged)
-            undo = undo._replace(sysctls=[(key, old, new) for key, new, old in reversed(changes.sysctls)])
-            apply_changes(self.programs, undo)
-            save_record(self.state_file, record)
-        except (ToolError, OSError) as exc:
-            log.error("roll back failed too: %s", exc)
+
+def apply_verified(context, outcome, outputs, record):
+    """Apply the outcome's changes, verify them, roll back if that fails. The
+    record for the run is written first: if it cannot be, nothing changes."""
+    changes, desired, enis = outcome.changes, outcome.desired, outcome.enis
+    merged = merge_record(record, desired, changes, enis)
+    try:
+        save_record(context.state_file, merged, unchanged_from=record)
+    except ToolError as exc:
+        raise ToolError("%s: nothing was changed" % exc)
+    failure, stopped = None, False
+    try:
+        with stop_signals_held(then=None if context.options.watch else signal.SIG_IGN):
+            try:
+                apply_changes(context.programs, changes, context.hooks.fail_after)
+                verify(context, outputs, desired, merged, changes)
+            except (ToolError, OSError) as exc:
+                if context.options.flush:
+                    failure = flush_again(context, merged, exc)
+                else:
+                    failure = roll_back(context, outcome.owned, record, merged, changes, exc)
+            if not failure:
+                keep_record(context, pruned_record(merged, desired, enis))
+    except Stopped:  # handled as the signals are let through again: the change is complete
+        stopped = True
+    if failure:
+        raise failure
+    return outcome._replace(stopped=stopped)
+
+
+def keep_record(context, record, unchanged_from=None):
+    """Write the record after a run; if it cannot be, the one written before
+    the run stays, which lists all that a flush gives back: a warning."""
+    try:
+        save_record(context.state_file, record, unchanged_from)
+    except ToolError as exc:
+        log.warning("%s; the record as it was stays (a flush gives back what it lists)", exc)
+
+
+def verify(context, outputs, desired, merged, changes):
+    """Re-read what the changes touched; ToolError unless it matches `desired`."""
+    _, system = read_system(context.programs, sources_touched(changes), outputs)
+    left = changes_between(desired, owned_state(system, merged), merged)
+    if not is_empty(left):
+        raise ToolError("verification failed: still pending: %s" % render(left)[0])
+
+
+def roll_back(context, before, record, merged, changes, cause):
+    """Converge back to the owned state read before the run (`merged`: the
+    record written for this run, which knows what it added), and check that it
+    did. The ToolError to raise: rolled back, or exactly what stays."""
+    try:
+        _, system = read_system(context.programs)
+        undo = changes_between(before, owned_state(system, merged), merged)
+        apply_changes(context.programs, undo._replace(sysctls=()))
+        for key, new, old in reversed(changes.sysctls):
+            give_back_sysctl(key, old)
+        _, system = read_system(context.programs)
+        left = changes_between(before, owned_state(system, merged), merged)
+    except (ToolError, OSError) as exc:
+        return ToolError("%s; the roll back failed too (%s): what this run changed may stay; %s -f "
+                         "removes it" % (cause, exc, PROG))
+    if not is_empty(left):
+        return ToolError("%s; not rolled back in full, what stays: %s; %s -f removes it"
+                         % (cause, "; ".join(render(left)), PROG))
+    keep_record(context, record)
+    return ToolError("%s; rolled back to the state before the run" % cause)
+
+
+def flush_again(context, merged, cause):
+    """A flush that failed half way (another program removed one of the tool's
+    rules meanwhile, say) is not rolled back: that would put the routing back
+    on a stop. What is left is read again and removed once more; None when
+    nothing stays, else the ToolError that says what does."""
+    try:
+        _, system = read_system(context.programs)
+        apply_changes(context.programs, changes_between(NOTHING, owned_state(system, merged), merged))
+        _, system = read_system(context.programs)
+        left = changes_between(NOTHING, owned_state(system, merged), merged)
+    except (ToolError, OSError) as exc:
+        return ToolError("%s; flushing again failed too (%s): run %s -f again" % (cause, exc, PROG))
+    if not is_empty(left):
+        return ToolError("%s; what stays: %s; run %s -f again" % (cause, "; ".join(render(left)), PROG))
+    log.warning("%s; flushed on a second attempt", cause)
+    return None
+
+
+def give_back_sysctl(key, value):
+    """Write an earlier value back; an interface gone meanwhile took its key along."""
+    try:
+        write_sysctls([(key, value, None)])
+    except FileNotFoundError:
+        log.info("%s is gone: nothing to give back", key)
 
 
 # -- Lock: boot and hotplug runs one after the other. -----------------------------
 
 def take_lock(state_dir, timeout=LOCK_TIMEOUT):
-    """An exclusive flock on <state_dir>/lock, waiting up to `timeout` seconds."""
+    """An exclusive flock on <state_dir>/lock, waiting up to `timeout` seconds.
+    On a read-only or full state directory where the file cannot be made, the
+    directory itself is locked: a flush must still run there."""
     os.makedirs(state_dir, mode=0o755, exist_ok=True)
-    handle = open(os.path.join(state_dir, "lock"), "a")
+    path = os.path.join(state_dir, "lock")
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
+            raise
+        handle = os.open(path if os.path.exists(path) else state_dir, os.O_RDONLY | os.O_CLOEXEC)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -1630,10 +2032,31 @@ def take_lock(state_dir, timeout=LOCK_TIMEOUT):
             return handle
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(handle)
                 raise
             if time.monotonic() > deadline:
-                raise ToolError("another run holds %s for over %ds" % (handle.name, timeout))
+                os.close(handle)
+                raise ToolError("another run holds %s for over %ds" % (path, timeout))
             time.sleep(0.05)
+
+
+class Lock:
+    """The lock of a state directory, taken around each changing converge (an
+    admin's flush may run between two cycles of the watcher)."""
+
+    def __init__(self, state_dir, timeout=LOCK_TIMEOUT):
+        self.state_dir, self.timeout, self.handle = state_dir, timeout, None
+
+    def __enter__(self):
+        try:
+            self.handle = take_lock(self.state_dir, self.timeout)
+        except OSError as exc:
+            raise ToolError("cannot lock %s: %s" % (self.state_dir, exc.strerror or exc))
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.handle)
+        self.handle = None
 
 
 # -- Status. ----------------------------------------------------------------------
@@ -2018,95 +2441,43 @@ class Schedule:
         return self.backoff
 
 
-class Stopped(BaseException):
-    """SIGTERM or SIGINT: leave the loop (not an Exception: nothing swallows it)."""
-
-
-class Reload(Stopped):
-    """SIGHUP: leave the loop and start again with the same arguments (which
-    reads the options file again); the routing stays in place meanwhile."""
-
-
 class Watcher:
-    """The loop: converge, wait for events or the next refresh, converge again."""
+    """An event loop around converge(): converge, wait for netlink events or
+    the next refresh, converge again."""
 
-    def __init__(self, args, fail_after=0):
-        self.args = args
-        self.fail_after = fail_after  # the test hook, passed on to every converge
+    def __init__(self, context):
+        self.context = context
         self.stop_requested = False
-        self.say = self.print_line
-
-    # -- output: stdout/stderr in the foreground (the journal), syslog as a daemon --
-
-    def print_line(self, line, error=False):
-        stream = sys.stderr if error else sys.stdout
-        try:
-            stream.write("%s%s\n" % ("%s: error: " % PROG if error else "", line))
-            stream.flush()
-        except (OSError, ValueError):  # the journal gone for a moment: keep watching
-            pass
+        self.say = print_line
+        self.converging = self.reload_requested = False
 
     def on_stop_signal(self, signum, frame):
         if self.stop_requested:  # a second signal: the first is being handled
             return
         self.stop_requested = True
-        raise Stopped()  # never while applying: Run.converge holds these signals
+        raise Stopped()  # never while applying: converge holds these signals
 
     def on_reload_signal(self, signum, frame):
-        if not self.stop_requested:
+        """SIGHUP: a reload, after the converge in progress if there is one."""
+        if self.converging:
+            self.reload_requested = True
+        elif not self.stop_requested:
             raise Reload()
-
-    def converge(self, schedule, first=False):
-        """One converge; its exit code. Failures are logged and scheduled for a
-        retry, except the first apply's that no retry can mend: raised."""
-        schedule.converging()
-        started = time.monotonic()
-        try:
-            code = execute(self.args, started, self.fail_after, report=self.report)
-        except ToolError as exc:
-            if first and exc.exit_code in FATAL_EXIT_CODES:
-                raise
-            return self.failed(schedule, str(exc), exc.exit_code)
-        except Exception as exc:  # a bug or an unforeseen system error: retried all the same
-            return self.failed(schedule, "unexpected %s: %s" % (exc.__class__.__name__, exc), EXIT_FAILURE)
-        schedule.succeeded(time.monotonic())
-        return code
-
-    def report(self, line, changes):
-        if is_empty(changes):
-            log.info("%s", line)
-        elif not self.args.quiet:
-            self.say(line)
-        sd_notify("STATUS=" + line)
-
-    def failed(self, schedule, message, code):
-        delay = schedule.failed(time.monotonic())
-        self.say("apply failed: %s; retrying in %.0f s" % (message, delay), error=True)
-        sd_notify("STATUS=apply failed: %s; retrying in %.0f s" % (message, delay))
-        return code
 
     def run(self):
         """Apply, then watch until stopped; the exit code."""
         previous = {signum: signal.signal(signum, self.on_stop_signal) for signum in STOP_SIGNALS}
-        if not self.args.daemon:  # (a daemon is restarted by its init script instead)
+        if not self.context.options.daemon:  # (a daemon is restarted by its init script instead)
             previous[RELOAD_SIGNAL] = signal.signal(RELOAD_SIGNAL, self.on_reload_signal)
         events = pidfile = None
         reload = False
         try:
-            try:
-                events = NetlinkWatch()  # before the first apply: no change slips through
-            except OSError as exc:
-                raise ToolError("cannot watch the kernel's routing messages (netlink): %s"
-                                % (exc.strerror or exc))
-            schedule = Schedule(self.args.refresh, time.monotonic())
+            events = open_netlink()  # before the first apply: no change slips through
+            schedule = Schedule(self.context.options.refresh, time.monotonic())
             code = self.converge(schedule, first=True)
-            if self.args.daemon:
-                detached = self.daemonize()
-                if not detached:  # the parent: the first apply's exit code, if the child started
-                    return code if detached is False else EXIT_FAILURE
-                pidfile = self.args.pidfile  # written by the child before the parent left
-            elif self.args.pidfile:
-                pidfile = write_pidfile(self.args.pidfile)
+            parent_exit, pidfile = self.detach(code)
+            if parent_exit is not None:
+                return parent_exit
             sd_notify("READY=1")
             self.loop(events, schedule)
         except Reload:
@@ -2126,31 +2497,87 @@ class Watcher:
         log.info("stopped; the routing stays applied")
         return EXIT_OK
 
+    def detach(self, code):
+        """(the exit code of a daemon's parent or None, the pid file to remove
+        at the end): with --daemon, fork; else write the pid file if asked."""
+        options = self.context.options
+        if options.daemon:
+            parent_exit = daemonize(options.pidfile, code)
+            if parent_exit is None:
+                self.say = syslog_line
+            return parent_exit, options.pidfile if parent_exit is None else None
+        return None, write_pidfile(options.pidfile) if options.pidfile else None
+
+    def converge(self, schedule, first=False):
+        """One converge; its exit code. Failures are logged and scheduled for a
+        retry, except the first apply's that no retry can mend: raised."""
+        schedule.converging()
+        self.converging = True
+        try:
+            outcome = converge(self.context)
+        except ToolError as exc:
+            if first and exc.exit_code in FATAL_EXIT_CODES:
+                raise
+            return self.failed(schedule, str(exc), exc.exit_code)
+        except Exception as exc:  # a bug or an unforeseen system error: retried all the same
+            return self.failed(schedule, "unexpected %s: %s" % (exc.__class__.__name__, exc), EXIT_FAILURE)
+        finally:
+            self.converging = False
+        schedule.succeeded(time.monotonic())
+        self.report(summary(outcome), outcome.changes)
+        if outcome.stopped:
+            raise Stopped()  # held while the change was made: now
+        return EXIT_OK
+
+    def report(self, line, changes):
+        if is_empty(changes):
+            log.info("%s", line)
+        elif not self.context.options.quiet:
+            self.say(line)
+        sd_notify("STATUS=" + line)
+
+    def failed(self, schedule, message, code):
+        delay = schedule.failed(time.monotonic())
+        self.say("apply failed: %s; retrying in %.0f s" % (message, delay), error=True)
+        sd_notify("STATUS=apply failed: %s; retrying in %.0f s" % (message, delay))
+        return code
+
     def loop(self, events, schedule):
+        """Converge when the schedule says, reading netlink events meanwhile;
+        a reload (SIGHUP) leaves it, unless the options do not parse now."""
         poller = select.poll()
         poller.register(events, select.POLLIN)
         while not self.stop_requested:
             try:
+                if self.reload_requested:  # came during a converge
+                    self.reload_requested = False
+                    raise Reload()
                 self.step(events, poller, schedule)
             except Reload:
                 if self.options_usable():
                     raise
-                schedule.event(time.monotonic())  # a converge it interrupted is done again
+
+    def step(self, events, poller, schedule):
+        """Wait for an event or the next converge, and act on it."""
+        wait = schedule.due() - time.monotonic()
+        if wait <= 0:
+            self.converge(schedule)
+        elif poller.poll(max(1, int(wait * 1000 + 1))):
+            reasons = self.read_events(events, poller)
+            if reasons:
+                log.info("converge soon: %s", "; ".join(reasons[:5]) + (
+                    " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
+                schedule.event(time.monotonic())
 
     def options_usable(self):
         """Whether the arguments, the options file included, parse now; if not,
         the watcher goes on with the ones it has (said once, in the journal)."""
-        import io
-        saved, sys.stderr = sys.stderr, io.StringIO()
         try:
             parse_args(None)
             return True
-        except SystemExit:
-            problem = " ".join(sys.stderr.getvalue().split())
-        finally:
-            sys.stderr = saved
-        self.say("reload refused, the options stay as they were: %s" % problem, error=True)
-        return False
+        except UsageError as exc:
+            self.say("reload refused, the options stay as they were: %s" % exc, error=True)
+            return False
 
     def start_again(self):
         """Replace this process by a new watcher with the same arguments (same
@@ -2161,76 +2588,78 @@ class Watcher:
         argv = getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv
         os.execv(sys.executable, argv)
 
-    def step(self, events, poller, schedule):
-        """Wait for an event or the next converge, and act on it."""
-        wait = schedule.due() - time.monotonic()
-        if wait <= 0:
-            self.converge(schedule)
-        elif poller.poll(max(1, int(wait * 1000 + 1))):
-            try:
-                reasons = events.read()
-            except OSError as exc:  # unforeseen: a new socket, and converge as after an overrun
-                log.error("reading netlink messages failed (%s): watching anew", exc.strerror or exc)
-                poller.unregister(events)
-                events.open()
-                poller.register(events, select.POLLIN)
-                reasons = ["netlink error"]
-            if reasons:
-                log.info("converge soon: %s", "; ".join(reasons[:5]) + (
-                    " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
-                schedule.event(time.monotonic())
-
-    def daemonize(self):
-        """Fork. The parent waits until the child has written the pid file and
-        returns False (None if the child could not); the child detaches (own
-        session, /, no terminal), logs to syslog, and returns True."""
-        ready_read, ready_write = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if os.fork():
-            os.close(ready_write)
-            started = os.read(ready_read, 1) == b"1"  # b"" if the child died first
-            os.close(ready_read)
-            return False if started else None
-        os.close(ready_read)
-        os.setsid()
+    def read_events(self, events, poller):
+        """The reasons to converge among the pending messages."""
         try:
-            write_pidfile(self.args.pidfile)
-        except ToolError as exc:  # still on the caller's stderr: say why, once
-            sys.stderr.write("%s: error: %s\n" % (PROG, exc))
-            sys.stderr.flush()
-            os._exit(EXIT_FAILURE)
-        os.chdir("/")
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
-        self.log_to_syslog()
-        os.write(ready_write, b"1")
+            return events.read()
+        except OSError as exc:  # unforeseen: a new socket, and converge as after an overrun
+            log.error("reading netlink messages failed (%s): watching anew", exc.strerror or exc)
+            poller.unregister(events)
+            events.open()
+            poller.register(events, select.POLLIN)
+            return ["netlink error"]
+
+
+def open_netlink():
+    """The NetlinkWatch of the watcher, or a ToolError saying why not."""
+    try:
+        return NetlinkWatch()
+    except OSError as exc:
+        raise ToolError("cannot watch the kernel's routing messages (netlink): %s" % (exc.strerror or exc))
+
+
+def print_line(line, error=False):
+    """A line of the watcher in the foreground (the journal)."""
+    stream = sys.stderr if error else sys.stdout
+    try:
+        stream.write("%s%s\n" % ("%s: error: " % PROG if error else "", line))
+        stream.flush()
+    except (OSError, ValueError):  # the journal gone for a moment: keep watching
+        pass
+
+
+def syslog_line(line, error=False):
+    """A line of the watcher as a daemon."""
+    import syslog
+    syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
+
+
+def daemonize(pidfile, code):
+    """Fork: the parent waits until the child has written the pid file and gets
+    its exit code back (`code`, the first apply's, or EXIT_FAILURE if the child
+    could not start); the child detaches (own session, /, no terminal), sends
+    the log to syslog, and gets None."""
+    ready_read, ready_write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork():
         os.close(ready_write)
-        return True
-
-    def log_to_syslog(self):
-        import syslog
-        syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_DAEMON)
-        priorities = {Log.DEBUG: syslog.LOG_DEBUG, Log.INFO: syslog.LOG_INFO,
-                      Log.WARNING: syslog.LOG_WARNING, Log.ERROR: syslog.LOG_ERR}
-
-        def emit(level, label, message, args):
-            if level >= log.level:
-                syslog.syslog(priorities.get(level, syslog.LOG_INFO), message % args if args else message)
-
-        log.emit = emit
-        self.say = lambda line, error=False: syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
+        started = os.read(ready_read, 1) == b"1"  # b"" if the child died first
+        os.close(ready_read)
+        return code if started else EXIT_FAILURE
+    os.close(ready_read)
+    os.setsid()
+    try:
+        write_pidfile(pidfile)
+    except ToolError as exc:  # still on the caller's stderr: say why, once
+        sys.stderr.write("%s: error: %s\n" % (PROG, exc))
+        sys.stderr.flush()
+        os._exit(EXIT_FAILURE)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    log.to_syslog()
+    os.write(ready_write, b"1")
+    os.close(ready_write)
+    return None
 
 
 def write_pidfile(path):
     """Write our pid to `path` atomically; return the path."""
-    temporary = "%s.%d.tmp" % (path, os.getpid())
     try:
-        with open(temporary, "w") as handle:
-            handle.write("%d\n" % os.getpid())
-        os.replace(temporary, path)
+        write_atomically(path, "%d\n" % os.getpid())
     except OSError as exc:
         raise ToolError("cannot write the pid file %s: %s" % (path, exc.strerror or exc))
     return path
@@ -2261,11 +2690,11 @@ def sd_notify(message):
         log.debug("sd_notify: %s", exc)
 
 
-def watch(args, fail_after=0):
+def watch(context):
     """--watch: a long-running process, so the cyclic garbage collector is back
     on (run_as_program() turned it off for one-off runs)."""
     gc.enable()
-    return Watcher(args, fail_after).run()
+    return Watcher(context).run()
 
 
 # -- Command line. ----------------------------------------------------------------
@@ -2278,30 +2707,34 @@ EPILOG = (
     "and a state record for the sysctls it changed and the addresses it added. Connection marks "
     "use the bits of --mark-mask only, and a packet that already has a mark keeps it. Flush "
     "removes exactly that. Exit codes: "
-    "0 success; 1 failure (nothing changed, or the run was rolled back), or with --status applied "
-    "but stale; 2 bad usage; 3 with --status: nothing applied; 4 not root; 5 a required program "
-    "is missing.")
+    "0 success (also when interrupted once the change was being made: it completes first); 1 failure "
+    "(nothing changed, or the run was rolled back, or the line says what stays, which -f removes), or "
+    "with --status applied but stale; 2 bad usage; 3 with --status: nothing applied; 4 not root; 5 a "
+    "required program is missing.")
 
 
-def one_line_parser(**options):
-    """An ArgumentParser whose usage errors are one line (and exit 2), like
-    every other error of the tool (argparse is imported here: see the imports)."""
+class UsageError(ToolError):
+    """Bad usage: one line naming the program, exit 2."""
+
+    def __init__(self, message, prog=PROG):
+        super().__init__(message, EXIT_USAGE)
+        self.prog = prog
+
+
+def one_line_parser(**settings):
+    """An argparse parser whose errors are raised as UsageError (the edge
+    prints them); argparse is imported here: see the imports."""
     import argparse
 
     class OneLineParser(argparse.ArgumentParser):
-        raise_errors = False
-
         def error(self, message):
-            if self.raise_errors:
-                raise ValueError(message)
-            sys.stderr.write("%s: error: %s (see --help)\n" % (self.prog, message))
-            sys.exit(EXIT_USAGE)
+            raise UsageError("%s (see --help)" % message, self.prog)
 
-    return OneLineParser(**options)
+    return OneLineParser(**settings)
 
 
 def argument_error(message):
-    """The error an option's type function raises for a bad value."""
+    """What an option's type function raises for a bad value."""
     import argparse
     return argparse.ArgumentTypeError(message)
 
@@ -2311,67 +2744,70 @@ def program_name():
     return PROG if os.path.basename(sys.argv[0]) == PROG else "multi-eni-routing.py"
 
 
+# The options, as parse_args returns them: a record nothing changes afterwards
+# (validate() and check_interfaces() return a new one). Lists are tuples.
+Options = collections.namedtuple("Options", (
+    "flush status watch dry_run json interface exclude no_imds no_imds_addresses imds_timeout "
+    "net_utils mark_mask refresh daemon pidfile state_dir verbose quiet options_file unless_restarting"))
+
+
+def options_of(namespace):
+    """The Options record of an argparse namespace."""
+    return Options(**{name: tuple(value) if isinstance(value, list) else value
+                      for name, value in vars(namespace).items()})
+
+
 def parse_args(argv):
-    """The options: the command line's, after those of --options-file FILE.
-    A flush never fails on a bad options file (see flush_args), so that
-    stopping always removes the routing."""
+    """The options, validated: the command line's, after those of --options-file
+    FILE. A flush uses what it can of a bad options file (see flush_options),
+    so that stopping always removes the routing. Raises UsageError."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv == ["--version"]:  # answered without building the parser, as argparse would
         print("%s %s" % (program_name(), VERSION))
-        sys.exit(EXIT_OK)
+        raise SystemExit(EXIT_OK)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.options_file and args.flush:
-        args = flush_args(parser, args, argv)
-    elif args.options_file:
-        args = parser.parse_args(read_options_file(args.options_file) + argv)
-    if args.json and not args.status:
-        parser.error("--json goes with --status")
-    check_watch_args(parser, args)
-    return args
-
-
-def flush_args(parser, args, argv):
-    """A flush with a bad options file still uses what it can of it (--state-dir
-    says where the sysctls to give back are recorded), else only the command line."""
-    parser.raise_errors, problem = True, None
+    given = parser.parse_args(argv)
+    if not given.options_file:
+        return validate(options_of(given))
     try:
-        words = read_options_file(args.options_file, for_flush=True)
-        try:
-            return parser.parse_args(words + argv)
-        except ValueError as exc:
-            problem = exc
-        return parser.parse_known_args(words + argv)[0]
-    except ValueError as exc:
-        problem = exc
-        return args
-    finally:
-        parser.raise_errors = False
-        if problem and not args.quiet:  # -q: the unit's stop; the start said it already
-            log.warning("flushing despite the options file %s: %s", args.options_file, problem)
+        return validate(options_of(parser.parse_args(read_options_file(given.options_file) + argv)))
+    except UsageError as problem:
+        if not given.flush:
+            raise
+        if not given.quiet:  # -q: the unit's stop; the start said it already
+            log.warning("flushing despite the options file %s: %s", given.options_file,
+                        str(problem).replace(" (see --help)", ""))
+        return flush_options(parser, given, argv)
 
 
-def read_options_file(path, for_flush=False):
+def flush_options(parser, given, argv):
+    """A flush with a bad options file: the file's words the parser knows (its
+    --state-dir says where the sysctls to give back are recorded), else the
+    command line's alone. The same parser: errors are UsageError as ever."""
+    try:
+        return validate(options_of(parser.parse_known_args(read_options_file(given.options_file) + argv)[0]))
+    except UsageError:
+        return validate(options_of(given))
+
+
+def read_options_file(path):
     """The words of an options file: the tool's arguments, split like a shell
     would (quotes, # comments) but with no expansion of any kind. The old
     format, MULTI_ENI_ROUTING_OPTS="...", is read too; other assignments of
-    the old format (hotplug settings) are ignored."""
-    import shlex
+    the old format (hotplug settings) are ignored. Raises UsageError."""
     try:
         with open(path) as options:
+            import shlex
             words = shlex.split(options.read(), comments=True)
-    except (OSError, ValueError) as exc:
-        if for_flush:
-            raise ValueError(exc)
-        sys.stderr.write("%s: error: options file %s: %s\n" % (PROG, path, exc))
-        sys.exit(EXIT_USAGE)
-    found = []
-    for word in words:
-        name, assigned, value = word.partition("=")
-        if assigned and name == "MULTI_ENI_ROUTING_OPTS":
-            found += shlex.split(value)
-        elif not (assigned and name.startswith("MULTI_ENI_ROUTING_")):
-            found.append(word)
+        found = []
+        for word in words:
+            name, assigned, value = word.partition("=")
+            if assigned and name == "MULTI_ENI_ROUTING_OPTS":
+                found += shlex.split(value)
+            elif not (assigned and name.startswith("MULTI_ENI_ROUTING_")):
+                found.append(word)
+    except (OSError, ValueError) as exc:  # ValueError: an unclosed quote, a NUL byte, not UTF-8
+        raise UsageError("options file %s: %s" % (path, getattr(exc, "strerror", None) or exc))
     return found
 
 
@@ -2424,8 +2860,9 @@ def build_parser():
                              "that main's routes not through an ENI (containers, VPNs) win; "
                              "ignore does nothing about it" % PRIO_NETUTILS)
     parser.add_argument("--mark-mask", type=mark_mask_arg, default=DEFAULT_MARK_MASK, metavar="MASK",
-                        help="connmark bits the tool may use, one run of at least 2 bits (default %#x: "
-                             "62 ENIs); move them when other software uses these bits" % DEFAULT_MARK_MASK)
+                        help="connmark bits the tool may use, one run of at least 2 bits, not all 32 "
+                             "(default %#x: 62 ENIs); move them when other software uses these bits"
+                             % DEFAULT_MARK_MASK)
     parser.add_argument("--refresh", type=refresh_arg, default=None, metavar="SECONDS",
                         help="with --watch: apply (and ask IMDS) at least this often, even without "
                              "events (default %d; 1 to 86400)" % REFRESH_DEFAULT)
@@ -2445,22 +2882,25 @@ def build_parser():
     return parser
 
 
-def check_watch_args(parser, args):
-    """--refresh, --daemon and --pidfile go with --watch, which changes the system."""
-    for option, given in (("--refresh", args.refresh is not None), ("--daemon", args.daemon),
-                          ("--pidfile", args.pidfile)):
-        if given and not args.watch:
-            parser.error("%s goes with --watch" % option)
-    if args.unless_restarting and not args.flush:
-        parser.error("--unless-restarting goes with --flush")
-    if args.watch and args.dry_run:
-        parser.error("--watch changes the system: it does not go with --dry-run")
-    if args.daemon and not args.pidfile:
-        parser.error("--daemon needs --pidfile FILE")
-    if args.pidfile:
-        args.pidfile = os.path.abspath(args.pidfile)  # the daemon changes to /
-    if args.refresh is None:
-        args.refresh = REFRESH_DEFAULT
+def validate(options):
+    """The options with their defaults filled in, checked together; raises
+    UsageError. --refresh, --daemon and --pidfile go with --watch, which
+    changes the system."""
+    for option, given in (("--refresh", options.refresh is not None), ("--daemon", options.daemon),
+                          ("--pidfile", options.pidfile)):
+        if given and not options.watch:
+            raise UsageError("%s goes with --watch" % option)
+    if options.json and not options.status:
+        raise UsageError("--json goes with --status")
+    if options.unless_restarting and not options.flush:
+        raise UsageError("--unless-restarting goes with --flush")
+    if options.watch and options.dry_run:
+        raise UsageError("--watch changes the system: it does not go with --dry-run")
+    if options.daemon and not options.pidfile:
+        raise UsageError("--daemon needs --pidfile FILE")
+    return options._replace(
+        pidfile=os.path.abspath(options.pidfile) if options.pidfile else None,  # the daemon changes to /
+        refresh=REFRESH_DEFAULT if options.refresh is None else options.refresh)
 
 
 def refresh_arg(text):
@@ -2491,8 +2931,10 @@ def mark_mask_arg(text):
     run_of_bits = value >> ((value & -value).bit_length() - 1) if value > 0 else 0
     if not 0 < value <= 0xFFFFFFFF or run_of_bits & (run_of_bits + 1):
         raise argument_error("%r is not one run of set bits" % text)
-    if run_of_bits < 3:  # one bit: 0 is "unmarked", 1 "seen", no room for an ENI
-        raise argument_error("%r: give at least two bits" % text)
+    if value == 0xFFFFFFFF:  # iptables-save then prints the masks as defaults: never verified
+        raise argument_error("%r: the tool needs fewer than all 32 bits" % text)
+    if mark_capacity(value) < 2:  # 0 is "unmarked", all bits "seen"; an ENI alone needs no mark
+        raise argument_error("%r numbers %d ENI: give two bits or more" % (text, mark_capacity(value)))
     return value
 
 
@@ -2501,59 +2943,61 @@ def setup_logging(verbose, quiet):
     log.level = {-1: Log.ERROR, 0: Log.WARNING, 1: Log.INFO}.get(max(-1, min(verbose - quiet, 2)), Log.DEBUG)
 
 
-def discover_imds(args, system):
+def discover_imds(options, system):
     """IMDS's view, or None (and why) when it is not asked or does not answer."""
-    if args.no_imds:
+    if options.no_imds:
         return None
-    named = set(args.interface)
+    named = set(options.interface)
     expected = {link.mac for link in system.links if link.name in named
-                or (not named and looks_like_eni(link, system.sysfs) and link.name not in args.exclude)}
+                or (not named and looks_like_eni(link, system.sysfs) and link.name not in options.exclude)}
     try:
-        return fetch_imds(ImdsClient(args.imds_timeout), expected)
+        return fetch_imds(ImdsClient(options.imds_timeout), expected)
     except ImdsError as exc:
         log.warning("instance metadata not usable (%s): using the interfaces found here", exc)
         return None
 
 
-def check_interfaces(args, system):
-    """-i naming a missing interface is a usage error for apply; flush and status
-    must still work after that ENI was detached, so they only drop the name."""
-    unsafe = [name for name in args.interface if not SAFE_NAME.match(name)]
-    if unsafe and not (args.flush or args.status):
-        raise ToolError("cannot route %s: an interface name must be 1-15 of [A-Za-z0-9_.-]"
-                        % ", ".join(repr(name) for name in unsafe), EXIT_USAGE)
+def check_interfaces(options, system):
+    """The options with -i checked against the system: naming a missing
+    interface is a usage error for apply; flush and status must still work
+    after that ENI was detached, so they get options without the name."""
+    unsafe = [name for name in options.interface if not SAFE_NAME.match(name)]
+    if unsafe and not (options.flush or options.status):
+        raise UsageError("cannot route %s: an interface name must be 1-15 of [A-Za-z0-9_.-]"
+                         % ", ".join(repr(name) for name in unsafe))
     names = {link.name for link in system.links if SAFE_NAME.match(link.name)}
-    missing = [name for name in args.interface if name not in names]
-    if missing and not (args.flush or args.status):
-        raise ToolError("no such interface: %s" % ", ".join(missing), EXIT_USAGE)
+    missing = [name for name in options.interface if name not in names]
+    if missing and not (options.flush or options.status):
+        raise UsageError("no such interface: %s" % ", ".join(missing))
     if missing:
         log.warning("no such interface: %s (ignored)", ", ".join(missing))
-        args.interface = [name for name in args.interface if name in names]
+    return options._replace(interface=tuple(name for name in options.interface if name in names))
 
 
 def main(argv=None, fail_after=0):
-    """Run the tool; return its exit code. Errors are one line on stderr.
-    `fail_after` N > 0 (a test hook) fails an apply after its Nth step."""
+    """Run the tool; return its exit code. Every error is one line on stderr,
+    caught here. `fail_after` N > 0 (a test hook) fails an apply after its Nth step."""
+    previous = {signum: signal.signal(signum, stop_once()) for signum in STOP_SIGNALS}
     try:
-        args = parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    setup_logging(args.verbose, args.quiet)
-    started = time.monotonic()
-    try:
-        if args.watch:
-            return watch(args, fail_after)
-        if args.unless_restarting and restart_pending(args.unless_restarting):
-            if not args.quiet:
+        options = parse_args(argv)
+        setup_logging(options.verbose, options.quiet)
+        if options.unless_restarting and restart_pending(options.unless_restarting):
+            if not options.quiet:
                 print("not flushed: %s is restarting, its next watcher keeps the routing"
-                      % args.unless_restarting)
+                      % options.unless_restarting)
             return EXIT_OK
-        return execute(args, started, fail_after)
+        context = make_context(options, Hooks(fail_after=fail_after))
+        return watch(context) if options.watch else execute(context)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except UsageError as exc:
+        sys.stderr.write("%s: error: %s\n" % (exc.prog, exc))
+        return EXIT_USAGE
     except ToolError as exc:
         sys.stderr.write("%s: error: %s\n" % (PROG, exc))
         return exc.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("%s: interrupted\n" % PROG)
+    except (Stopped, KeyboardInterrupt):  # before any change (once made, they are ignored)
+        sys.stderr.write("%s: interrupted: nothing was changed\n" % PROG)
         return EXIT_FAILURE
     except Exception as exc:  # a bug or an unforeseen system error: still one line
         if log.level <= Log.DEBUG:
@@ -2562,6 +3006,9 @@ def main(argv=None, fail_after=0):
         sys.stderr.write("%s: error: unexpected %s: %s (-vv shows where)\n"
                          % (PROG, exc.__class__.__name__, exc))
         return EXIT_FAILURE
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def restart_pending(unit):
@@ -2580,73 +3027,35 @@ def restart_pending(unit):
                for fields in (line.split() for line in jobs.splitlines()))
 
 
-def execute(args, started, fail_after=0, report=None):
-    """One run: apply (or flush, --status, --dry-run). An apply's one-line
-    summary goes to report(line, changes) when given (the watcher), else stdout."""
-    if os.geteuid() != 0:
-        raise ToolError("must run as root", EXIT_NOT_ROOT)
-    if kernel_version() < (4, 17):
-        # Older kernels drop a rule's protocol: the tool could not recognise its
-        # own rules, so it could neither keep them in sync nor remove them.
-        raise ToolError("Linux %s is too old: ip rules carry their protocol from 4.17 on"
-                        % os.uname().release)
-    programs = find_programs(["ip", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"])
-    read_only = args.dry_run or args.status
-    lock = None if read_only else take_lock(args.state_dir)
-    try:
-        this_run = Run(programs, state_path(args.state_dir, netns_id()), fail_after)
-        system = this_run.read()
-        record = this_run.read_record(system)
-        owned = owned_state(system, record)
-        check_interfaces(args, system)
-        netutils = find_netutils(system)
-        enis, desired = desired_state(args, system, owned, record, netutils)
-        if args.status:
-            return show_status(args, enis, owned, this_run.changes(desired, owned, record), netutils)
-        if args.dry_run:
-            changes = this_run.changes(desired, owned, record)
-            print("\n".join(render(changes)) if not is_empty(changes) else "in sync: nothing to do")
-            return EXIT_OK
-        changes = this_run.converge(desired, owned, record, enis)
-        line = summary(args, enis, desired, changes, started)
-        if report:
-            report(line, changes)
-        elif not args.quiet:
-            print(line)
-        return EXIT_OK
-    finally:
-        if lock:
-            lock.close()
+def stop_once():
+    """A handler for SIGINT and SIGTERM: Stopped, once (the second waits for the first)."""
+    seen = []
+
+    def handler(signum, frame):
+        if not seen:
+            seen.append(signum)
+            raise Stopped()
+    return handler
 
 
-def desired_state(args, system, owned, record, netutils=None):
-    """(ENIs, owned state to converge to): empty for a flush. With net-utils
-    present and --net-utils coexist, its addresses are its own: none are added."""
-    if args.flush:
-        return [], NOTHING
-    coexist = bool(netutils and netutils.present) and args.net_utils == "coexist"
-    if coexist:
-        log.info("amazon-ec2-net-utils is present: coexisting (rule %d ahead of its rules, "
-                 "no addresses added from IMDS)", PRIO_NETUTILS)
-    imds = discover_imds(args, system)
-    enis = select_enis(system, imds, args.interface, args.exclude,
-                       add_from_imds=not (args.no_imds_addresses or coexist), owned_addresses=owned.addresses,
-                       remembered=record.get("slots", {}),
-                       max_slots=min(SLOTS_MAX, TABLE_LAST - TABLE_BASE + 1, mark_capacity(args.mark_mask)))
-    for eni in enis:
-        log.info("ENI %s: table %d, %s, %d IPv4 and %d IPv6 addresses", eni.name, table_of(eni),
-                 "from IMDS" if eni.origin == "imds" else "found locally",
-                 len(eni.families[4].addresses), len(eni.families[6].addresses))
-    desired = plan(enis, args.mark_mask, {link.name: link.group for link in system.links}, coexist)
-    if imds is None:  # no full answer: never remove addresses added earlier
-        desired = desired._replace(addresses=desired.addresses | owned.addresses)
-    return enis, desired
+def execute(context):
+    """A one-off run (apply, flush, --status, --dry-run): one converge, its
+    result on stdout, its exit code."""
+    outcome = converge(context)
+    options = outcome.options
+    if options.status:
+        return show_status(options, outcome.enis, outcome.owned, outcome.changes, outcome.netutils)
+    if options.dry_run:
+        print("\n".join(render(outcome.changes)) if not is_empty(outcome.changes) else "in sync: nothing to do")
+    elif not options.quiet:
+        print(summary(outcome))
+    return EXIT_OK
 
 
-def show_status(args, enis, owned, changes, netutils=None):
+def show_status(options, enis, owned, changes, netutils=None):
     """Print the status; its exit code: 0 in sync, 1 stale, 3 not applied."""
-    report = status_report(enis, owned, changes, netutils, args.net_utils)
-    if args.json:
+    report = status_report(enis, owned, changes, netutils, options.net_utils)
+    if options.json:
         import json
         print(json.dumps(report, indent=1))
     else:
@@ -2656,11 +3065,12 @@ def show_status(args, enis, owned, changes, netutils=None):
     return EXIT_OK if report["in_sync"] else EXIT_FAILURE
 
 
-def summary(args, enis, desired, changes, started):
+def summary(outcome):
     """One line saying what the run did."""
-    elapsed = (time.monotonic() - started) * 1000
+    options, enis, desired, changes = outcome.options, outcome.enis, outcome.desired, outcome.changes
+    elapsed = (time.monotonic() - outcome.started) * 1000
     count = len(render(changes))
-    if args.flush:
+    if options.flush:
         return "flushed: %d changes in %.0f ms" % (count, elapsed) if count else "flushed: nothing was applied"
     if not enis:
         return "nothing to do: no ENI found (not on EC2? name them with -i)"

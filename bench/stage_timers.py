@@ -23,8 +23,9 @@ STAGES = ["parse_args", "find_programs", "take_lock", "read_outputs", "run_toget
           "parse_links", "parse_rules", "parse_routes", "parse_mangle", "read_sysfs", "netns_id",
           "load_record", "live_record", "save_record", "owned_state", "desired_state", "discover_imds",
           "select_enis", "plan", "diff", "read_sysctls", "render", "apply_changes", "write_sysctls",
-          "summary"]
-RUN_METHODS = ("read", "changes", "converge", "roll_back")
+          "summary", "make_context", "converge", "read_system", "read_record", "changes_between",
+          "apply_verified", "verify", "roll_back"]
+RUN_METHODS = ("read", "changes", "converge", "roll_back")  # of the tool's Run class, before converge()
 
 tool, out_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 with open(tool) as handle:

@@ -85,7 +85,7 @@ def plan_commands(name, use_imds=True, **options):
     first apply, or where the tool's state is there already (applied-2eni,
     applied-v1, applied-v2) what the diff against that state leaves to do."""
     sys_ = system(name)
-    record = RECORDS.get(name, {})
+    record = mer.record_of(RECORDS.get(name, {}))
     enis = mer.select_enis(sys_, imds(name) if use_imds else None, **options)
     desired = mer.plan(enis, groups={link.name: link.group for link in sys_.links})
     current = mer.owned_state(sys_, record)

@@ -118,9 +118,9 @@ def test_coexist_adds_exactly_one_rule_ahead_of_netutils_and_flush_removes_it():
     assert coexisting._replace(rules=alone.rules) == alone  # nothing else differs
     assert mer.PRIO_NETUTILS < mer.NETUTILS_PRIO_FIRST
     add = mer.diff(coexisting, alone, {}, {})
-    assert add.ip[4] == ["rule add priority 9900 table main suppress_ifgroup 231 protocol 231"]
+    assert mer.render(add) == ["ip -4 rule add priority 9900 table main suppress_ifgroup 231 protocol 231"]
     flush = mer.diff(mer.NOTHING, coexisting, {}, {})
-    assert mer.rule_command("del", ahead) in flush.ip[4]
+    assert mer.rule_command("del", ahead) in flush.commands
     # one ENI: no policy routing, so nothing to put ahead of net-utils either
     assert mer.plan(enis[:1], ahead_of_netutils=True).rules == frozenset()
 
@@ -137,7 +137,7 @@ def test_coexist_puts_the_rule_ahead_in_each_family_the_tool_routes():
 
 def test_status_says_netutils_is_present_and_what_the_tool_does():
     found = mer.NetUtils(True, mer.NETUTILS_PROGRAM, 2)
-    report = mer.status_report([], mer.NOTHING, mer.Changes({4: [], 6: []}, {4: [], 6: []}, []), found)
+    report = mer.status_report([], mer.NOTHING, mer.NO_CHANGES, found)
     assert report["net_utils"] == {"present": True, "program": mer.NETUTILS_PROGRAM, "rules": 2,
                                    "policy": "coexist", "rule_priority": 9900, "adds_imds_addresses": False}
     line = mer.netutils_line(report["net_utils"])
@@ -151,7 +151,7 @@ def test_status_says_netutils_is_present_and_what_the_tool_does():
 
 def test_status_text_names_netutils_right_after_the_state_line(capsys):
     found = mer.NetUtils(True, mer.NETUTILS_PROGRAM, 0)
-    mer.print_status(mer.status_report([], mer.NOTHING, mer.Changes({4: [], 6: []}, {4: [], 6: []}, []), found))
+    mer.print_status(mer.status_report([], mer.NOTHING, mer.NO_CHANGES, found))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "multi-eni-routing: not applied"
     assert lines[1].startswith("amazon-ec2-net-utils: present (/usr/bin/setup-policy-routes); --net-utils coexist")
@@ -162,7 +162,7 @@ def test_net_utils_option_takes_coexist_or_ignore(tmp_path):
     options = tmp_path / "options"
     options.write_text("--net-utils ignore\n")
     assert mer.parse_args(["--options-file", str(options)]).net_utils == "ignore"
-    with pytest.raises(SystemExit):
+    with pytest.raises(mer.UsageError, match="invalid choice: 'takeover'"):
         mer.parse_args(["--net-utils", "takeover"])
 
 

@@ -26,7 +26,7 @@ def test_words_quotes_and_comments(tmp_path):
     path = options(tmp_path, "# a comment\n-x docker0   # trailing comment\n-x 'two words' -v\n\n")
     assert mer.read_options_file(path) == ["-x", "docker0", "-x", "two words", "-v"]
     args = mer.parse_args(["--options-file", path])
-    assert args.exclude == ["docker0", "two words"] and args.verbose == 1
+    assert args.exclude == ("docker0", "two words") and args.verbose == 1
 
 
 def test_no_globbing_and_no_variables(tmp_path, monkeypatch):
@@ -34,13 +34,13 @@ def test_no_globbing_and_no_variables(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "vethfoo").write_text("")
     path = options(tmp_path, '-x veth* -x "$HOME" -x `id`\n')
-    assert mer.parse_args(["--options-file", path]).exclude == ["veth*", "$HOME", "`id`"]
+    assert mer.parse_args(["--options-file", path]).exclude == ("veth*", "$HOME", "`id`")
 
 
 def test_command_line_comes_after_the_file(tmp_path):
     path = options(tmp_path, "-x a --state-dir /from/file -v\n")
     args = mer.parse_args(["--options-file", path, "-x", "b", "--state-dir", "/from/command/line", "-v"])
-    assert args.exclude == ["a", "b"]
+    assert args.exclude == ("a", "b")
     assert args.state_dir == "/from/command/line"
     assert args.verbose == 2
 
@@ -50,7 +50,7 @@ def test_the_old_format_is_read(tmp_path):
     path = options(tmp_path, 'MULTI_ENI_ROUTING_OPTS="-x docker0 --no-imds-addresses"\n'
                              'MULTI_ENI_ROUTING_HOTPLUG="yes"\nMULTI_ENI_ROUTING_DEBOUNCE="2"\n')
     args = mer.parse_args(["--options-file", path])
-    assert args.exclude == ["docker0"] and args.no_imds_addresses
+    assert args.exclude == ("docker0",) and args.no_imds_addresses
 
 
 def run_tool(*args, timeout=60):
@@ -73,6 +73,8 @@ def run_tool(*args, timeout=60):
     ("--bogus\n", [], "unrecognized arguments: --bogus"),
     ("--mark-mask 0x101\n", [], "is not one run of set bits"),
     ("-x 'unbalanced\n", [], "No closing quotation"),
+    ("MULTI_ENI_ROUTING_OPTS=\"-x 'unbalanced\"\n", [], "No closing quotation"),
+    ("--mark-mask 0xffffffff\n", [], "fewer than all 32 bits"),
     (None, [], "No such file or directory"),
     ("", ["--json"], "--json goes with --status"),
     ("", ["--daemon"], "--daemon goes with --watch"),
@@ -120,3 +122,20 @@ def test_flush_with_a_missing_options_file_and_q_is_silent(make_lab, tmp_path):
     flushed = lab.run_tool("--flush", "-q", "--options-file", str(tmp_path / "missing"))
     assert (flushed.rc, flushed.stdout, flushed.stderr) == (0, "", "")
     assert lab.snapshot() == before
+
+
+def test_the_options_record_has_a_field_per_option_and_nothing_changes_it():
+    parser = mer.build_parser()
+    dests = {action.dest for action in parser._actions if action.dest not in ("help", "version")}
+    assert dests == set(mer.Options._fields)
+    options = mer.parse_args(["-x", "a", "-i", "eth0"])
+    with pytest.raises(AttributeError):
+        options.exclude = ("b",)
+    assert options.exclude == ("a",) and isinstance(options.interface, tuple)
+
+
+def test_usage_errors_are_raised_once_as_usage_error_never_exit():
+    with pytest.raises(mer.UsageError, match="unrecognized arguments: --bogus"):
+        mer.parse_args(["--bogus"])
+    with pytest.raises(mer.UsageError, match="--json goes with --status"):
+        mer.parse_args(["--json"])

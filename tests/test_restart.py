@@ -65,7 +65,7 @@ def test_without_systemctl_it_flushes(tmp_path, monkeypatch):
 
 def test_the_flush_is_skipped_only_while_restarting(systemctl, monkeypatch, capsys):
     flushed = []
-    monkeypatch.setattr(mer, "execute", lambda args, *rest, **kw: flushed.append(args.flush) or 0)
+    monkeypatch.setattr(mer, "execute", lambda context, *rest, **kw: flushed.append(context.options.flush) or 0)
     systemctl("123 %s restart running\n" % UNIT)
     assert mer.main(["--flush", "--unless-restarting", UNIT]) == 0
     assert flushed == []

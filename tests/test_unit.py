@@ -24,7 +24,7 @@ def v6(eni):
     return eni.families[6]
 
 
-NO_CHANGES = mer.Changes({4: [], 6: []}, {4: [], 6: []}, [])
+NO_CHANGES = mer.NO_CHANGES
 
 
 # -- Golden plans: an apply on each recorded instance as it is, command by command:
@@ -256,10 +256,16 @@ def test_a_custom_mark_mask_is_used_and_one_too_small_is_refused():
 
 def test_mark_mask_option_wants_one_run_of_bits():
     assert mer.parse_args(["--mark-mask", "0xf00"]).mark_mask == 0xF00
-    with pytest.raises(SystemExit):
+    with pytest.raises(mer.UsageError, match="one run of set bits"):
         mer.parse_args(["--mark-mask", "0x101"])
-    with pytest.raises(SystemExit):
-        mer.parse_args(["--mark-mask", "0x100"])  # one bit: "unmarked" and "seen", no ENI
+
+
+@pytest.mark.parametrize("mask, why", [("0xffffffff", "fewer than all 32 bits"), ("0x100", "two bits or more")])
+def test_a_mark_mask_that_cannot_work_is_refused_at_parse_time(mask, why):
+    """0xffffffff was accepted, then every apply failed its verification
+    (iptables-save prints full masks as its defaults) and rolled back."""
+    with pytest.raises(mer.UsageError, match=why):
+        mer.parse_args(["--mark-mask", mask])
 
 
 def test_rp_filter_loose_on_every_routed_eni():
@@ -271,8 +277,8 @@ def test_rp_filter_loose_on_every_routed_eni():
 
 def applied():
     system = recorded.system("applied-2eni")
-    record = {"sysctls": {"net/ipv4/conf/eth%d/rp_filter" % n: {"original": "1", "set": "2"}
-                          for n in (0, 1)}}
+    record = mer.record_of({"sysctls": {"net/ipv4/conf/eth%d/rp_filter" % n: {"original": "1", "set": "2"}
+                                        for n in (0, 1)}})
     return system, record, mer.owned_state(system, record)
 
 
@@ -313,12 +319,12 @@ def test_changes_add_before_they_point_and_remove_the_other_way():
     desired = EMPTY._replace(routes=frozenset([new, link]), rules=frozenset([rule]),
                              addresses=frozenset([mer.Address("eth1", "203.0.113.12/32")]))
     current = EMPTY._replace(routes=frozenset([old]), rules=frozenset([gone]))
-    assert mer.diff(desired, current, {}, {}).ip[4] == [
-        "address add 203.0.113.12/32 dev eth1",
-        "route add 203.0.113.0/24 dev eth1 table 22001 proto 231",
-        "route replace default via 203.0.113.254 dev eth1 table 22001 proto 231",
-        "rule add priority 20301 from 203.0.113.10/32 table 22001 protocol 231",
-        "rule del priority 20301 from 203.0.113.11/32 table 22001 protocol 231"]
+    assert mer.render(mer.diff(desired, current, {}, {})) == [
+        "ip -4 address add 203.0.113.12/32 dev eth1  # assigned in IMDS, not configured",
+        "ip -4 route add 203.0.113.0/24 dev eth1 table 22001 proto 231",
+        "ip -4 route replace default via 203.0.113.254 dev eth1 table 22001 proto 231",
+        "ip -4 rule add priority 20301 from 203.0.113.10/32 table 22001 protocol 231",
+        "ip -4 rule del priority 20301 from 203.0.113.11/32 table 22001 protocol 231"]
 
 
 def test_mangle_in_sync_needs_nothing_and_a_duplicate_jump_is_repaired():
@@ -372,7 +378,7 @@ def test_the_tools_rules_in_the_hooks_are_found_by_their_comment_and_no_others()
 
 def test_an_upgrade_from_the_layout_before_issue_16_replaces_it_and_converges():
     system = recorded.system("applied-v2")
-    owned = mer.owned_state(system, {})
+    owned = mer.owned_state(system, mer.EMPTY_RECORD)
     desired = mer.plan(mer.select_enis(system, recorded.imds("applied-v2")),
                        groups={link.name: link.group for link in system.links})
     commands = mer.render(mer.diff(desired, owned, {}, {}))
@@ -387,7 +393,7 @@ def test_an_upgrade_from_the_layout_before_issue_16_replaces_it_and_converges():
         "ip -4 rule add priority 20000 fwmark 0x100/0xffffffff table 22000 protocol 231",
         "ip -4 rule del priority 20000 fwmark 0x100/0x3f00 table 22000 protocol 231",
         "ip -4 rule del priority 20001 fwmark 0x200/0x3f00 table 22001 protocol 231"]
-    now = mer.owned_state(recorded.system("applied-2eni"), {})  # what the new layout reads back as
+    now = mer.owned_state(recorded.system("applied-2eni"), mer.EMPTY_RECORD)  # what the new layout reads back as
     assert now.mangle == desired.mangle and now.rules == desired.rules
     flush = mer.render(mer.diff(EMPTY, owned, {}, {}))  # a flush of the old layout removes all of it
     assert {"iptables -t mangle -X MULTI-ENI-OUTPUT", "iptables -t mangle -X MULTI-ENI-PREROUTING"} <= set(flush)
@@ -405,7 +411,7 @@ def test_flush_removes_the_tools_rules_in_the_hooks_and_its_chain():
 
 def test_ipv6_addresses_are_added_without_dad():
     add = mer.address_command("add", mer.Address("eth1", "2001:db8:b::11/128"))
-    assert add == "address add 2001:db8:b::11/128 dev eth1 nodad noprefixroute"
+    assert " ".join(add.words) == "address add 2001:db8:b::11/128 dev eth1 nodad noprefixroute"
 
 
 def test_status_exit_codes():
@@ -441,8 +447,8 @@ def test_interface_gone_is_a_usage_error_for_apply_but_not_for_flush_or_status(m
     assert error.value.exit_code == mer.EXIT_USAGE and "eth9" in str(error.value)
     for action in (["-f"], ["--status"]):
         args = mer.parse_args(action + ["-i", "eth0", "-i", "eth9"])
-        mer.check_interfaces(args, system)
-        assert args.interface == ["eth0"]
+        assert mer.check_interfaces(args, system).interface == ("eth0",)
+        assert args.interface == ("eth0", "eth9")  # the options record itself is never changed
 
 
 def test_enis_never_share_a_number_or_a_table():
@@ -605,7 +611,7 @@ def test_more_enis_than_the_mask_numbers_is_one_clear_error():
 
 def test_remembered_slots_keep_absent_pairs_unless_their_slot_was_given_away():
     enis = enis_of("xen-eth0-eth1")
-    record = {"slots": {"0:5": 7, "0:6": 1}}
+    record = mer.record_of({"slots": {"0:5": 7, "0:6": 1}})
     assert mer.remembered_slots(record, enis) == {"0:0": 0, "0:1": 1, "0:5": 7}
 
 
@@ -614,7 +620,7 @@ def test_an_ipv6_default_goes_although_the_table_keeps_its_ipv4_default():
     v6_default = mer.Route(6, 22001, "default", "fe80::1", "eth1")
     current = EMPTY._replace(routes=frozenset([v4_default, v6_default]))
     changes = mer.diff(EMPTY._replace(routes=frozenset([v4_default])), current, {}, {})
-    assert changes.ip == {4: [], 6: ["route del default via fe80::1 dev eth1 table 22001 proto 231"]}
+    assert mer.render(changes) == ["ip -6 route del default via fe80::1 dev eth1 table 22001 proto 231"]
 
 
 def test_interfaces_with_unsafe_names_are_skipped_or_refused(capsys):
@@ -663,15 +669,15 @@ def test_same_subnet_enis_are_not_taken_for_routing_each_others_addresses_elsewh
 def test_record_entries_of_a_gone_or_replaced_interface_are_dropped():
     links = recorded.system("xen-eth0-eth1").links
     index = {link.name: link.index for link in links}
-    record = {"sysctls": {"net/ipv4/conf/eth1/rp_filter": {"original": "1", "set": "2", "ifindex": index["eth1"]},
+    record = mer.record_of({"sysctls": {"net/ipv4/conf/eth1/rp_filter": {"original": "1", "set": "2", "ifindex": index["eth1"]},
                           "net/ipv4/conf/eth0/rp_filter": {"original": "0", "set": "2", "ifindex": 99},
                           "net/ipv4/conf/eth7/rp_filter": {"original": "1", "set": "2", "ifindex": 7}},
               "addresses": [["eth1", "203.0.113.11/32", index["eth1"]], ["eth0", "198.51.100.12/32", 99]],
-              "slots": {"0:0": 0}}
+              "slots": {"0:0": 0}})
     live = mer.live_record(record, links)
-    assert list(live["sysctls"]) == ["net/ipv4/conf/eth1/rp_filter"]
-    assert live["addresses"] == [["eth1", "203.0.113.11/32", index["eth1"]]]
-    assert live["slots"] == {"0:0": 0}
+    assert list(live.sysctls) == ["net/ipv4/conf/eth1/rp_filter"]
+    assert live.addresses == (("eth1", "203.0.113.11/32", index["eth1"]),)
+    assert live.slots == {"0:0": 0}
 
 
 def test_the_record_is_named_after_this_namespace_whatever_pid_1_is(monkeypatch):
@@ -684,7 +690,7 @@ def test_the_record_is_named_after_this_namespace_whatever_pid_1_is(monkeypatch)
 
 def test_an_upgrade_replaces_the_state_of_version_1_whole():
     system = recorded.system("applied-v1")
-    owned = mer.owned_state(system, {})
+    owned = mer.owned_state(system, mer.EMPTY_RECORD)
     desired = mer.plan(mer.select_enis(system, recorded.imds("applied-v1")),
                        groups={link.name: link.group for link in system.links})
     commands = mer.render(mer.diff(desired, owned, {}, {}))
@@ -694,7 +700,7 @@ def test_an_upgrade_replaces_the_state_of_version_1_whole():
     assert any("suppress_prefixlength 0" in c for c in deleted)
     assert "ip -4 route del 198.51.100.0/24 via 203.0.113.1 dev eth1 table 22001 proto 231" in commands
     assert "iptables -t mangle -F MULTI-ENI-PREROUTING" in commands
-    desired_now = mer.owned_state(recorded.system("applied-2eni"), {})
+    desired_now = mer.owned_state(recorded.system("applied-2eni"), mer.EMPTY_RECORD)
     assert desired_now.rules == desired.rules and desired_now.routes == desired.routes
     assert desired_now.mangle == desired.mangle and desired_now.groups == desired.groups
 

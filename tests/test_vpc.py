@@ -311,6 +311,20 @@ def test_failure_in_any_batch_rolls_back_to_the_state_before(make_lab):
     assert_same(before, lab.snapshot(), "the instance after the final flush")
 
 
+def test_a_flush_that_fails_half_way_removes_the_rest_instead_of_rolling_back(make_lab):
+    """A stop must remove the routing: a flush that fails after a batch (here
+    the failure hook; on a machine, a network manager deleting one of the
+    tool's routes at the same moment) was rolled back, so the routing stayed."""
+    lab = make_lab(enis=2)
+    before = lab.snapshot()
+    for n in range(1, 6):  # after each of the batches, and after the sysctls
+        applied(lab)
+        result = lab.run_tool("--flush", env={"MULTI_ENI_ROUTING_FAIL_AFTER": str(n)})
+        assert result.rc == 0, result
+        assert "flushed on a second attempt" in result.stderr or n == 5, result
+        assert_same(before, lab.snapshot(), "the instance after a flush that failed after step %d" % n)
+
+
 def test_status_exit_codes_not_applied_in_sync_stale(lab):
     assert lab.run_tool("--status").rc == 3
     applied(lab)

@@ -223,11 +223,12 @@ def test_sd_notify_without_systemd_opens_no_socket_and_a_gone_one_is_not_an_erro
 def test_a_failing_converge_is_reported_and_scheduled_never_raised(monkeypatch, notify_socket, capsys):
     outcomes = [mer.ToolError("ip exited 2: RTNETLINK answers: No such device"), RuntimeError("a bug")]
 
-    def execute(args, started, fail_after=0, report=None):
+    def converge(context):
         raise outcomes.pop(0)
 
-    monkeypatch.setattr(mer, "execute", execute)
-    watcher = mer.Watcher(mer.parse_args(["--watch"]))
+    monkeypatch.setattr(mer, "converge", converge)
+    options = mer.parse_args(["--watch"])
+    watcher = mer.Watcher(mer.Context(options, {}, "state.json", mer.Lock("."), mer.NO_HOOKS))
     schedule = mer.Schedule(60, 0.0)
     assert watcher.converge(schedule) == mer.EXIT_FAILURE
     assert watcher.converge(schedule) == mer.EXIT_FAILURE
@@ -270,7 +271,7 @@ def test_a_stop_signal_sent_while_the_system_is_changed_comes_after_the_change()
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # outside: at once
         seen.append("read")
-        with mer.stop_signals_held():  # as Run.converge holds them around apply, verify, roll back
+        with mer.stop_signals_held():  # as converge holds them around apply, verify, roll back
             os.kill(os.getpid(), signal.SIGTERM)
             seen.append("applied")
         seen.append("after")
