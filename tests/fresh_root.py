@@ -49,10 +49,19 @@ WORK = Path(os.environ.get("MER_ROOT_WORK", "/var/tmp"))
 
 # What a cloud image has (minbase, python3, git, CA certificates); "systemd"
 # adds what booting it needs and what the installed tool runs.
+# The other flavours are the network stacks of the distribution families, as
+# their cloud images install them (the boot tests run one per stack): netplan
+# (Ubuntu) renders to networkd; NetworkManager (RHEL) needs libpam-systemd, or
+# debootstrap stops on polkitd's logind dependency; ifupdown with ISC dhclient
+# (Debian 12 cloud images).
+BOOTABLE = ["python3", "git", "ca-certificates", "systemd", "systemd-sysv", "udev", "dbus",
+            "iproute2", "iptables", "procps"]
 FLAVOURS = {
     "minbase": ["python3", "git", "ca-certificates"],
-    "systemd": ["python3", "git", "ca-certificates", "systemd", "systemd-sysv", "udev", "dbus",
-                "iproute2", "iptables", "procps"],
+    "systemd": BOOTABLE,
+    "netplan": BOOTABLE + ["netplan.io"],
+    "networkmanager": BOOTABLE + ["network-manager", "libpam-systemd"],
+    "ifupdown": BOOTABLE + ["ifupdown", "isc-dhcp-client"],
 }
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BUILD_TIMEOUT = 1200
@@ -388,7 +397,7 @@ def main(argv):
         print(tarball(argv[1], *argv[2:3]))
         return 0
     sys.stderr.write("usage: fresh_root.py readme-tests [SUITE] | install-deb SUITE DEB"
-                     " | build SUITE [FLAVOUR]\n")
+                     " | build SUITE [%s]\n" % "|".join(FLAVOURS))
     return 2
 
 

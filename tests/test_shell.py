@@ -144,15 +144,47 @@ def test_unit_runs_the_watcher_and_flushes_after_it_ended():
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
-def test_unit_holds_back_only_container_runtimes():
-    """sshd and the rest of multi-user.target do not wait for network-online
-    because of this unit; container runtimes and kubelet start after it."""
+def test_unit_is_ready_before_network_online_and_holds_back_only_what_follows_it():
+    """Services after network-online find the routing (the unit is ordered
+    before it, after the stacks' wait-online services); sshd and the rest of
+    multi-user.target do not wait for it; container runtimes and kubelet
+    start after it."""
     unit = unit_settings()["Unit"]
-    ordering = " ".join(unit.get("After", []) + unit.get("Wants", []) + unit.get("Requires", []))
-    assert "network-online" not in ordering
+    waits = " ".join(unit.get("After", []) + unit.get("Wants", []) + unit.get("Requires", []))
+    assert "network-online" not in waits
+    after = set(" ".join(unit["After"]).split())
+    assert {"network.target", "systemd-networkd-wait-online.service", "NetworkManager-wait-online.service",
+            "ifupdown-wait-online.service"} <= after
     before = " ".join(unit["Before"]).split()
-    assert {"docker.service", "containerd.service", "kubelet.service"} <= set(before)
+    assert {"network-online.target", "docker.service", "containerd.service", "kubelet.service"} <= set(before)
     assert not {"multi-user.target", "ssh.service", "sshd.service"} & set(before)
+    assert int(unit_settings()["Service"]["TimeoutStartSec"][0]) <= 30  # the backstop of that wait
+
+
+SECURITY_MAX = 2.0  # systemd-analyze's "OK" ends at 4.9; networkd.service itself scores 2.8
+
+
+def test_systemd_analyze_security_rates_the_unit_ok():
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT)],
+                            capture_output=True, text=True, timeout=60)
+    if "--offline" in result.stderr and "unrecognized" in result.stderr:
+        pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= SECURITY_MAX, result.stdout
+
+
+def test_unit_sandbox_keeps_what_the_tool_needs():
+    """Capabilities, socket families and writable paths: what ip, iptables
+    (legacy too) and IMDS need, and no more (the boot tests run under it)."""
+    service = unit_settings()["Service"]
+    assert set(service["CapabilityBoundingSet"][0].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    assert set(service["RestrictAddressFamilies"][0].split()) == {"AF_NETLINK", "AF_INET", "AF_INET6", "AF_UNIX"}
+    assert service["ProtectSystem"] == ["strict"]
+    assert set(service["ReadWritePaths"][0].split()) == {"/run", "/proc/sys/net"}
+    assert set(service["IPAddressAllow"][0].split()) == {"169.254.169.254", "fd00:ec2::254"}
 
 
 def test_shipped_options_file_gives_no_options():
