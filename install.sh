@@ -25,8 +25,9 @@ usage() {
 Usage: sh install.sh [--prefix DIR] [--destdir DIR] [--deps] [--now] [-q]
        sh install.sh --uninstall [--prefix DIR] [--destdir DIR] [--force] [-q]
 
-Installs multi-eni-routing: the tool as PREFIX/bin/multi-eni-routing.py, its
-man page as PREFIX/share/man/man8/multi-eni-routing.8, the systemd unit and
+Installs multi-eni-routing: the tool as a module in PREFIX/lib/$NAME,
+compiled to bytecode, and PREFIX/bin/multi-eni-routing.py that runs it, its
+man page as PREFIX/share/man/man8/multi-eni-routing.8.gz, the systemd unit and
 the SysV init script (/etc/init.d), which both run the watcher, the options
 file (/etc/default or, on the RHEL family, /etc/sysconfig; an options file
 you changed is never overwritten: the new default goes next to it as .dist)
@@ -94,6 +95,10 @@ fi
 
 SRC=$(cd "$(dirname "$0")" && pwd -P) || die "cannot find the source directory"
 TOOL=$PREFIX/bin/$NAME.py
+# The tool's module, beside its bytecode: the launcher $TOOL imports it from
+# there, so Python starts from the cached bytecode (a script's is never cached).
+LIBDIR=$PREFIX/lib/$NAME
+MODULE=$LIBDIR/multi_eni_routing.py
 MANDIR=$PREFIX/share/man/man8
 # The directories this install created, removed again by --uninstall.
 CREATED=/var/lib/$NAME/created-directories
@@ -113,15 +118,18 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/$NAME-install.XXXXXX") || die "cannot create a 
 trap 'rm -rf "$TMP"' EXIT
 trap 'exit 1' HUP INT TERM
 
-# manifest: "source destination mode substitute" for every installed file
-# except the options file.
+# manifest: "source destination mode how" for every installed file except
+# the options file; how: as-is, paths (substitute the paths), module (its
+# #! line becomes a comment: it is imported, not run) or man (paths, then
+# gzip -n, as the distributions' packages compress manual pages).
 manifest() {
     cat <<EOF
-multi_eni_routing.py $TOOL 0755 no
-docs/$NAME.8 $MANDIR/$NAME.8 0644 yes
-init.d/$NAME /etc/init.d/$NAME 0755 yes
-systemd/$NAME.service $UNITDIR/$NAME.service 0644 yes
-systemd/networkd.conf.d/$NAME.conf /usr/lib/systemd/networkd.conf.d/$NAME.conf 0644 no
+multi_eni_routing.py $MODULE 0644 module
+bin/$NAME.py $TOOL 0755 paths
+docs/$NAME.8 $MANDIR/$NAME.8.gz 0644 man
+init.d/$NAME /etc/init.d/$NAME 0755 paths
+systemd/$NAME.service $UNITDIR/$NAME.service 0644 paths
+systemd/networkd.conf.d/$NAME.conf /usr/lib/systemd/networkd.conf.d/$NAME.conf 0644 as-is
 EOF
 }
 
@@ -131,6 +139,7 @@ EOF
 obsolete() {
     cat <<EOF
 $PREFIX/libexec/$NAME-hotplug
+$MANDIR/$NAME.8
 $UNITDIR/$NAME-refresh.service
 $UNITDIR/$NAME-refresh.timer
 /usr/lib/udev/rules.d/90-$NAME.rules
@@ -146,8 +155,18 @@ EOF
 # the chosen prefix and options file.
 substitute() {
     sed -e "s|/usr/bin/$NAME\\.py|$TOOL|g" \
+        -e "s|/usr/lib/$NAME\\([/\"]\\)|$LIBDIR\\1|g" \
         -e "s|/usr/share/man/man8/|$MANDIR/|g" \
         -e "s|/etc/default/$NAME|$OPTIONS|g" "$1" >"$2"
+}
+
+# prepare HOW SRC OUT: the file to install for manifest's HOW.
+prepare() {
+    case $1 in
+        paths) substitute "$2" "$3" ;;
+        module) sed "1s|^#!.*|# $NAME: imported by $TOOL, not run by itself|" "$2" >"$3" ;;
+        man) substitute "$2" "$3.page" && gzip -9 -n -c "$3.page" >"$3" ;;
+    esac
 }
 
 mode_of() { stat -c %a "$1" 2>/dev/null; }
@@ -306,6 +325,23 @@ check_programs() {
         die "python3 is older than 3.8; the tool needs Python >= 3.8"
 }
 
+# compile_module: the module's bytecode in $LIBDIR/__pycache__, as Debian's
+# py3compile and Fedora's byte-compilation make it (compileall leaves bytecode
+# that is up to date alone).
+compile_module() {
+    python3 -m compileall -q "$MODULE" >/dev/null ||
+        warn "compiling $MODULE failed: the tool works, but starts slower"
+}
+
+# remove_bytecode: what compile_module (or Python itself) left of the module.
+remove_bytecode() {
+    for pyc in "$DESTDIR$LIBDIR"/__pycache__/multi_eni_routing.*.pyc; do
+        [ -e "$pyc" ] || continue
+        rm -f "$pyc" && say "removed ${pyc#"$DESTDIR"}"
+    done
+    rmdir "$DESTDIR$LIBDIR/__pycache__" 2>/dev/null || true
+}
+
 systemd_running() {
     [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1
 }
@@ -388,22 +424,24 @@ do_install() {
     remove_obsolete
     manifest >"$TMP/manifest"
     n=0
-    while read -r src dest mode subst <&3; do
+    while read -r src dest mode how <&3; do
         [ -f "$SRC/$src" ] || die "$SRC/$src is missing"
         file=$SRC/$src
-        if [ "$subst" = yes ]; then
+        if [ "$how" != as-is ]; then
             n=$((n + 1))
             file=$TMP/file.$n
-            substitute "$SRC/$src" "$file" || die "cannot prepare $src"
+            prepare "$how" "$SRC/$src" "$file" || die "cannot prepare $src"
         fi
         install_file "$file" "$dest" "$mode"
     done 3<"$TMP/manifest"
     install_options
     if [ -n "$DESTDIR" ]; then
+        # staged files are packaged: the package compiles at install time
         say "staged under $DESTDIR: nothing registered or started"
         [ "$NOW" = no ] || warn "--now is ignored with DESTDIR"
         return 0
     fi
+    compile_module
     register
     if [ "$NOW" = yes ]; then
         start_now
@@ -451,8 +489,9 @@ do_uninstall() {
         fi
     fi
     remove_obsolete
+    remove_bytecode
     manifest >"$TMP/manifest"
-    while read -r _src dest _mode _subst <&3; do
+    while read -r _src dest _mode _how <&3; do
         remove_file "$dest"
     done 3<"$TMP/manifest"
     uninstall_options

@@ -24,24 +24,23 @@ if __name__ == "__main__":
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # SIGINT while starting: ended, nothing changed
     gc.disable()  # from the start, imports included: see run_as_program()
 
-import argparse
 import collections
 import contextlib
 import errno
 import fcntl
 import io
 import ipaddress
-import json
 import os
 import re
 import select
-import shlex
 import signal
 import struct
-import subprocess
 import sys
-import threading
 import time
+
+# argparse, json, shlex, subprocess and threading are imported where they are
+# used: together they cost a third of starting `--version` (which needs none
+# of them), and a status or a flush needs only some.
 
 VERSION = "1.0.0"
 PROG = "multi-eni-routing"
@@ -216,6 +215,7 @@ def run(argv, stdin=None):
     also when the program cannot be started at all."""
     log.debug("run: %s", " ".join(argv))
     try:
+        import subprocess
         proc = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=PROGRAM_ENV, universal_newlines=True)
     except OSError as exc:
@@ -236,6 +236,7 @@ def run_together(commands):
         except CommandError as exc:
             errors.append(exc)
 
+    import threading
     threads = [threading.Thread(target=one, args=(index,) + tuple(command))
                for index, command in enumerate(commands) if index]
     for thread in threads:
@@ -386,6 +387,7 @@ def parse_system(outputs, sysfs, ipv6=True):
 def load_json(text, what):
     """Parse a program's JSON output, as a ToolError when it is not JSON."""
     try:
+        import json
         return json.loads(text or "[]")
     except ValueError:
         raise ToolError("could not parse the JSON output of %s" % what)
@@ -727,6 +729,7 @@ class ImdsSession:
     def __init__(self):
         self.host = self.token = None
         self.until = 0.0
+        import threading
         self.counts = collections.Counter()
         self.lock = threading.Lock()  # the clients of one discovery run in threads
 
@@ -880,6 +883,7 @@ def fetch_imds_enis(client, macs, primary):
     error stops every thread and is raised."""
     workers = [client] + [client.another() for _ in range(min(IMDS_CONNECTIONS, len(macs)) - 1)]
     pending = list(reversed(macs))
+    import threading
     enis, errors, lock = {}, [], threading.Lock()
 
     def take():
@@ -1522,6 +1526,7 @@ def load_record(path):
     if len(text) > RECORD_MAX_BYTES:
         raise InvalidRecord("larger than %d bytes" % RECORD_MAX_BYTES)
     try:
+        import json
         data = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
         raise InvalidRecord("not JSON: %s" % str(exc)[:80])
@@ -1552,6 +1557,7 @@ def save_record(path, record, unchanged_from=None):
                 os.unlink(path)
             return
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        import json
         write_atomically(path, json.dumps(record_data(record), indent=1, sort_keys=True) + "\n")
     except OSError as exc:
         raise ToolError("cannot write the state record %s: %s" % (path, exc.strerror or exc))
@@ -1876,6 +1882,15 @@ class Stopped(BaseException):
     """SIGTERM or SIGINT (not an Exception: nothing swallows it by accident)."""
 
 
+# The watcher's reload (systemctl reload): start again with the same arguments.
+RELOAD_SIGNAL = signal.SIGHUP
+
+
+class Reload(Stopped):
+    """SIGHUP: leave the loop and start again with the same arguments (which
+    reads the options file again); the routing stays in place meanwhile."""
+
+
 class stop_signals_held:  # noqa: N801 (a context manager, used like a function)
     """SIGTERM and SIGINT wait while the system is being changed: a stop comes
     after the apply, its verification and any roll back, never half way. One
@@ -1887,6 +1902,7 @@ class stop_signals_held:  # noqa: N801 (a context manager, used like a function)
         self.then = then
 
     def __enter__(self):
+        import threading
         if threading.current_thread() is threading.main_thread():
             self.held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         else:
@@ -2674,6 +2690,7 @@ class Watcher:
         self.notes = ()  # why some ENIs are not routed, as last said
         options = context.options
         self.metrics = Metrics(options.metrics_file) if options.metrics_file else None
+        self.converging = self.reload_requested = False
 
     def on_stop_signal(self, signum, frame):
         if self.stop_requested:  # a second signal: the first is being handled
@@ -2681,10 +2698,20 @@ class Watcher:
         self.stop_requested = True
         raise Stopped()  # never while applying: converge holds these signals
 
+    def on_reload_signal(self, signum, frame):
+        """SIGHUP: a reload, after the converge in progress if there is one."""
+        if self.converging:
+            self.reload_requested = True
+        elif not self.stop_requested:
+            raise Reload()
+
     def run(self):
         """Apply, then watch until stopped; the exit code."""
         previous = {signum: signal.signal(signum, self.on_stop_signal) for signum in STOP_SIGNALS}
+        if not self.context.options.daemon:  # (a daemon is restarted by its init script instead)
+            previous[RELOAD_SIGNAL] = signal.signal(RELOAD_SIGNAL, self.on_reload_signal)
         events = pidfile = None
+        reload = False
         try:
             named, nics = self.context.options.interface, test_nics()
             events = open_netlink(lambda state: may_be_eni(state, named, nics))  # before the first apply
@@ -2695,6 +2722,8 @@ class Watcher:
                 return parent_exit
             sd_notify("READY=1")
             self.loop(events, schedule)
+        except Reload:
+            reload = True
         except Stopped:
             pass
         finally:
@@ -2704,6 +2733,8 @@ class Watcher:
                 remove_pidfile(pidfile)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        if reload:
+            self.start_again()
         sd_notify("STOPPING=1")
         log.info("stopped; the routing stays applied")
         return EXIT_OK
@@ -2723,6 +2754,7 @@ class Watcher:
         """One converge; its exit code. Failures are logged and scheduled for a
         retry, except the first apply's that no retry can mend: raised."""
         schedule.converging()
+        self.converging = True
         try:
             outcome = converge(self.context, imds_source=self.imds_answer)
         except ToolError as exc:
@@ -2731,6 +2763,8 @@ class Watcher:
             return self.failed(schedule, str(exc), exc.exit_code)
         except Exception as exc:  # a bug or an unforeseen system error: retried all the same
             return self.failed(schedule, "unexpected %s: %s" % (exc.__class__.__name__, exc), EXIT_FAILURE)
+        finally:
+            self.converging = False
         schedule.succeeded(time.monotonic())
         self.report(outcome)
         if outcome.stopped:
@@ -2793,32 +2827,61 @@ class Watcher:
         return code
 
     def loop(self, events, schedule):
-        """Converge when the schedule says, reading netlink events meanwhile."""
+        """Converge when the schedule says, reading netlink events meanwhile;
+        a reload (SIGHUP) leaves it, unless the options do not parse now."""
         poller = select.poll()
         poller.register(events, select.POLLIN)
         options = self.context.options
         polling = options.imds_poll and not options.no_imds
         self.poll_at = time.monotonic() + options.imds_poll if polling else None
         while not self.stop_requested:
-            if self.poll_at is not None and self.poll_at <= time.monotonic():
-                self.poll_imds(schedule)
-            due = schedule.due() if self.poll_at is None else min(schedule.due(), self.poll_at)
-            wait = due - time.monotonic()
-            if schedule.due() <= time.monotonic():
-                self.converge(schedule)
-            elif wait <= 0:
-                continue  # the poll is due
-            elif poller.poll(max(1, int(wait * 1000 + 1))):
-                reasons = self.read_events(events, poller)
-                if reasons:
-                    log.info("converge soon: %s", "; ".join(reasons[:5]) + (
-                        " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
-                    schedule.event(time.monotonic())
-                    unseen = events.view.eni_macs() - self.macs_seen
-                    if unseen and not self.rediscover:
-                        log.info("a link that may be an ENI is new (%s): IMDS is read again",
-                                 ", ".join(sorted(unseen)))
-                        self.rediscover = True
+            try:
+                if self.reload_requested:  # came during a converge
+                    self.reload_requested = False
+                    raise Reload()
+                self.step(events, poller, schedule)
+            except Reload:
+                if self.options_usable():
+                    raise
+
+    def step(self, events, poller, schedule):
+        """Wait for an event, the next converge or the next IMDS poll, and act on it."""
+        if self.poll_at is not None and self.poll_at <= time.monotonic():
+            self.poll_imds(schedule)
+        due = schedule.due() if self.poll_at is None else min(schedule.due(), self.poll_at)
+        wait = due - time.monotonic()
+        if schedule.due() <= time.monotonic():
+            self.converge(schedule)
+        elif wait > 0 and poller.poll(max(1, int(wait * 1000 + 1))):
+            reasons = self.read_events(events, poller)
+            if reasons:
+                log.info("converge soon: %s", "; ".join(reasons[:5]) + (
+                    " (and %d more)" % (len(reasons) - 5) if len(reasons) > 5 else ""))
+                schedule.event(time.monotonic())
+                unseen = events.view.eni_macs() - self.macs_seen
+                if unseen and not self.rediscover:
+                    log.info("a link that may be an ENI is new (%s): IMDS is read again",
+                             ", ".join(sorted(unseen)))
+                    self.rediscover = True
+
+    def options_usable(self):
+        """Whether the arguments, the options file included, parse now; if not,
+        the watcher goes on with the ones it has (said once, in the journal)."""
+        try:
+            parse_args(None)
+            return True
+        except UsageError as exc:
+            self.say("reload refused, the options stay as they were: %s" % exc, error=True)
+            return False
+
+    def start_again(self):
+        """Replace this process by a new watcher with the same arguments (same
+        pid, so systemd and the pid file still name it); the routing stays."""
+        self.say("reloading: starting again with the same arguments")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        argv = getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv
+        os.execv(sys.executable, argv)
 
     def read_events(self, events, poller):
         """The reasons to converge among the pending messages."""
@@ -3045,18 +3108,35 @@ class UsageError(ToolError):
         self.prog = prog
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with its errors raised as UsageError (the edge prints them)."""
+def one_line_parser(**settings):
+    """An argparse parser whose errors are raised as UsageError (the edge
+    prints them); argparse is imported here: see the imports."""
+    import argparse
 
-    def error(self, message):
-        raise UsageError("%s (see --help)" % message, self.prog)
+    class OneLineParser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError("%s (see --help)" % message, self.prog)
+
+    return OneLineParser(**settings)
+
+
+def argument_error(message):
+    """What an option's type function raises for a bad value."""
+    import argparse
+    return argparse.ArgumentTypeError(message)
+
+
+def program_name():
+    """"multi-eni-routing" as the pip console script, the file's name otherwise."""
+    return PROG if os.path.basename(sys.argv[0]) == PROG else "multi-eni-routing.py"
 
 
 # The options, as parse_args returns them: a record nothing changes afterwards
 # (validate() and check_interfaces() return a new one). Lists are tuples.
 Options = collections.namedtuple("Options", (
     "flush status watch dry_run json interface exclude no_imds no_imds_addresses imds_timeout "
-    "net_utils mark_mask refresh imds_poll metrics_file daemon pidfile state_dir verbose quiet options_file"))
+    "net_utils mark_mask refresh imds_poll metrics_file daemon pidfile state_dir verbose quiet options_file "
+    "unless_restarting"))
 
 
 def options_of(namespace):
@@ -3070,6 +3150,9 @@ def parse_args(argv):
     FILE. A flush uses what it can of a bad options file (see flush_options),
     so that stopping always removes the routing. Raises UsageError."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--version"]:  # answered without building the parser, as argparse would
+        print("%s %s" % (program_name(), VERSION))
+        raise SystemExit(EXIT_OK)
     parser = build_parser()
     given = parser.parse_args(argv)
     if not given.options_file:
@@ -3102,6 +3185,7 @@ def read_options_file(path):
     the old format (hotplug settings) are ignored. Raises UsageError."""
     try:
         with open(path) as options:
+            import shlex
             words = shlex.split(options.read(), comments=True)
         found = []
         for word in words:
@@ -3116,10 +3200,8 @@ def read_options_file(path):
 
 
 def build_parser():
-    # "multi-eni-routing" as the pip console script, the file's name otherwise
-    prog = PROG if os.path.basename(sys.argv[0]) == PROG else "multi-eni-routing.py"
-    parser = OneLineParser(
-        prog=prog,
+    parser = one_line_parser(
+        prog=program_name(),
         description="Give every ENI of this EC2 instance its own policy routing, so that "
                     "every address of every ENI answers through its own ENI. Without an "
                     "action: apply (converge to the plan; safe to repeat).",
@@ -3140,6 +3222,10 @@ def build_parser():
                              "gone does not stop it. SIGTERM or SIGINT ends it (exit 0) leaving the "
                              "routing applied. Tells systemd (Type=notify) when the first apply is "
                              "done, and in its status line what is not routed and why")
+    parser.add_argument("--unless-restarting", metavar="UNIT",
+                        help="with --flush: flush nothing while systemd restarts UNIT (its "
+                             "ExecStopPost=), so that the next watcher takes the routing over "
+                             "without a gap; only a stop removes it")
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="print the commands apply (or flush, with -f) would run, change nothing")
     parser.add_argument("--json", action="store_true", help="with --status: machine-readable output")
@@ -3211,6 +3297,8 @@ def validate(options):
             raise UsageError("%s goes with --watch" % option)
     if options.json and not options.status:
         raise UsageError("--json goes with --status")
+    if options.unless_restarting and not options.flush:
+        raise UsageError("--unless-restarting goes with --flush")
     if options.watch and options.dry_run:
         raise UsageError("--watch changes the system: it does not go with --dry-run")
     if options.daemon and not options.pidfile:
@@ -3226,9 +3314,9 @@ def refresh_arg(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+        raise argument_error("not a number of seconds: %r" % text)
     if not 1 <= value <= 86400:
-        raise argparse.ArgumentTypeError("%r: give 1 <= SECONDS <= 86400" % text)
+        raise argument_error("%r: give 1 <= SECONDS <= 86400" % text)
     return value
 
 
@@ -3236,9 +3324,9 @@ def poll_arg(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+        raise argument_error("not a number of seconds: %r" % text)
     if not (value == 0 or 1 <= value <= 86400):
-        raise argparse.ArgumentTypeError("%r: give 0 (never) or 1 <= SECONDS <= 86400" % text)
+        raise argument_error("%r: give 0 (never) or 1 <= SECONDS <= 86400" % text)
     return value
 
 
@@ -3246,9 +3334,9 @@ def seconds_arg(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+        raise argument_error("not a number of seconds: %r" % text)
     if not 0 < value <= 300:
-        raise argparse.ArgumentTypeError("%r: give 0 < SECONDS <= 300" % text)
+        raise argument_error("%r: give 0 < SECONDS <= 300" % text)
     return value
 
 
@@ -3256,14 +3344,14 @@ def mark_mask_arg(text):
     try:
         value = int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError("not a number: %r" % text)
+        raise argument_error("not a number: %r" % text)
     run_of_bits = value >> ((value & -value).bit_length() - 1) if value > 0 else 0
     if not 0 < value <= 0xFFFFFFFF or run_of_bits & (run_of_bits + 1):
-        raise argparse.ArgumentTypeError("%r is not one run of set bits" % text)
+        raise argument_error("%r is not one run of set bits" % text)
     if value == 0xFFFFFFFF:  # iptables-save then prints the masks as defaults: never verified
-        raise argparse.ArgumentTypeError("%r: the tool needs fewer than all 32 bits" % text)
+        raise argument_error("%r: the tool needs fewer than all 32 bits" % text)
     if mark_capacity(value) < 2:  # 0 is "unmarked", all bits "seen"; an ENI alone needs no mark
-        raise argparse.ArgumentTypeError("%r numbers %d ENI: give two bits or more" % (text, mark_capacity(value)))
+        raise argument_error("%r numbers %d ENI: give two bits or more" % (text, mark_capacity(value)))
     return value
 
 
@@ -3311,6 +3399,11 @@ def main(argv=None, fail_after=0):
     try:
         options = parse_args(argv)
         setup_logging(options.verbose, options.quiet)
+        if options.unless_restarting and restart_pending(options.unless_restarting):
+            if not options.quiet:
+                print("not flushed: %s is restarting, its next watcher keeps the routing"
+                      % options.unless_restarting)
+            return EXIT_OK
         context = make_context(options, Hooks(fail_after=fail_after))
         return watch(context) if options.watch else execute(context)
     except SystemExit as exc:  # --help, --version
@@ -3334,6 +3427,22 @@ def main(argv=None, fail_after=0):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def restart_pending(unit):
+    """Whether systemd has a restart job for UNIT (systemctl restart, try-restart,
+    a package upgrade); False when it cannot tell, so that a stop flushes."""
+    systemctl = which("systemctl")
+    if not systemctl:
+        return False
+    try:
+        jobs = run([systemctl, "list-jobs", "--no-legend", "--no-pager", "--full", "--", unit])
+    except ToolError as exc:
+        log.warning("cannot ask systemd for the jobs of %s (%s): flushing", unit, exc)
+        return False
+    # lines: JOB UNIT TYPE STATE
+    return any(fields[1:3] in ([unit, "restart"], [unit, "try-restart"])
+               for fields in (line.split() for line in jobs.splitlines()))
 
 
 def stop_once():
@@ -3369,6 +3478,7 @@ def show_status(options, enis, owned, changes, netutils=None, notes=()):
     report = status_report(enis, owned, changes, netutils, options.net_utils)
     report["not_routed"] = [dict(note._asdict()) for note in notes]
     if options.json:
+        import json
         print(json.dumps(report, indent=1))
     else:
         print_status(report)

@@ -35,3 +35,10 @@ def lab(make_lab):
     """The default lab: two ENIs (eth0 in 198.51.100.0/24, eth1 in
     203.0.113.0/24), two addresses each, IPv6, IMDSv2 enforced."""
     return make_lab()
+
+
+def pytest_report_header(config):
+    """Where the tests run, as fresh_root finds out (the nested tests skip in
+    a chroot or a container)."""
+    import fresh_root
+    return "runs in: %s" % fresh_root.whereabouts()

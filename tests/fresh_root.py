@@ -17,9 +17,16 @@ As a program (what .ci/run uses):
     python3 tests/fresh_root.py readme-tests [SUITE]
 runs the README's test command, as written, in a fresh SUITE root (default
 bookworm) from a fresh `git clone` of this checkout; exit code: the command's.
+    python3 tests/fresh_root.py install-deb SUITE DEB
+installs DEB with apt in a fresh SUITE root (its dependencies downloaded
+first; the install itself, whose maintainer scripts run, and the purge in a
+scratch network namespace, with nothing started: policy-rc.d), checks the
+command and its bytecode, purges it and checks that no file of it is left.
 
-Inside such a root MER_IN_FRESH_ROOT=1 is set: the tests that would nest
-(booting with nspawn, building another root) skip with that reason.
+The tests find out themselves where they run (whereabouts(): a chroot, a
+container, a virtual machine or bare metal; no variable needs to be set):
+in a chroot or a container, those that would nest (booting with nspawn,
+building another root) skip, saying where they are.
 """
 
 import contextlib
@@ -39,7 +46,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("MER_ROOT_CACHE", "/var/cache/multi-eni-routing-ci"))
 WORK = Path(os.environ.get("MER_ROOT_WORK", "/var/tmp"))
-NESTED_ENV = "MER_IN_FRESH_ROOT"
 
 # What a cloud image has (minbase, python3, git, CA certificates); "systemd"
 # adds what booting it needs and what the installed tool runs.
@@ -65,10 +71,85 @@ FLAVOURS["netutils-debian"] = FLAVOURS["systemd"] + ["amazon-ec2-net-utils", "cu
 FLAVOURS["netutils-source"] = FLAVOURS["systemd"] + ["curl"]
 
 
+def in_chroot():
+    """True when / is not the root directory of PID 1 or of an ancestor of
+    this process (systemd-detect-virt --chroot asks PID 1 only, whose root
+    may be unreadable, as on these machines: the ancestor outside the chroot,
+    such as the shell that ran chroot, tells then)."""
+    if not os.path.exists("/proc/self"):
+        return True  # a machine always has /proc; a bare chroot lacks it
+    here = os.stat("/")
+    pid = os.getpid()
+    for _ in range(64):
+        pid = parent_of(pid)
+        if pid is None:
+            break
+        with contextlib.suppress(OSError):
+            if not os.path.samestat(here, os.stat("/proc/%d/root" % pid)):
+                return True
+    with contextlib.suppress(OSError):
+        return not os.path.samestat(here, os.stat("/proc/1/root"))
+    return False
+
+
+def parent_of(pid):
+    """The parent's pid, or None at the top (or if PID is gone)."""
+    try:
+        stat = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
+        return None
+    parent = int(stat[stat.rindex(")") + 2:].split()[1])
+    return parent if parent > 0 else None
+
+
+def container_kind():
+    """The container this runs in ('docker', 'systemd-nspawn', ...), or ''."""
+    with contextlib.suppress(OSError):
+        kind = Path("/run/systemd/container").read_text().strip()
+        if kind:
+            return kind
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc/1/environ").read_bytes().split(b"\0"):
+            if entry.startswith(b"container="):
+                return entry.split(b"=", 1)[1].decode(errors="replace") or "container"
+    if os.path.exists("/run/.containerenv"):
+        return "podman"
+    # (not /.dockerenv: these VMs' images, made from Docker images, still have it)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            for kind in ("docker", "lxc", "kubepods", "containerd"):
+                if "/%s" % kind in line.split(":", 2)[-1]:
+                    return kind
+    return ""
+
+
+def virtual_machine():
+    """The hypervisor's vendor when this is a virtual machine, else ''."""
+    with contextlib.suppress(OSError):
+        if " hypervisor" in Path("/proc/cpuinfo").read_text():
+            with contextlib.suppress(OSError):
+                return Path("/sys/class/dmi/id/sys_vendor").read_text().strip() or "unknown"
+            return "unknown"
+    return ""
+
+
+def whereabouts():
+    """Where the tests run, in words: 'a chroot', 'a container (docker)', 'a
+    virtual machine (QEMU)' or 'a machine'."""
+    if in_chroot():
+        return "a chroot"
+    kind = container_kind()
+    if kind:
+        return "a container (%s)" % kind
+    vendor = virtual_machine()
+    return "a virtual machine (%s)" % vendor if vendor else "a machine"
+
+
 def nested_reason():
     """Why a test that needs another root or a boot cannot run here, or ''."""
-    if os.environ.get(NESTED_ENV):
-        return "running inside a fresh root already (%s=1): no nested roots or boots" % NESTED_ENV
+    where = whereabouts()
+    if where.startswith(("a chroot", "a container")):
+        return "running in %s: no nested roots or boots" % where
     return ""
 
 
@@ -192,7 +273,7 @@ def chroot_env(extra=None):
     """A clean environment as root has it, with the machine's pip settings
     (those naming files of this machine left out, but for the CA bundle)."""
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", NESTED_ENV: "1",
+           "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb",
            "DEBIAN_FRONTEND": "noninteractive"}
     for key, value in os.environ.items():
         if key.startswith("PIP_") and not value.startswith("/"):
@@ -266,13 +347,57 @@ def readme_tests(suite="bookworm"):
     return result.returncode
 
 
+@contextlib.contextmanager
+def scratch_netns():
+    """A network namespace of our own, deleted afterwards; its name."""
+    name = "mer-root-%d" % os.getpid()
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def install_deb(suite, deb):
+    """apt install DEB in a fresh SUITE root, check it, purge it; exit code."""
+    ok, why = usable()
+    if not ok:
+        sys.stderr.write("fresh_root: cannot run here: %s\n" % why)
+        return 1
+    name = Path(deb).name
+    steps = [
+        # the machine's network: only apt's downloads, no maintainer script runs
+        (None, "apt-get update -qq && apt-get install -y -q --download-only /root/%s" % name),
+        # a scratch namespace (no network: the archives downloaded above) for
+        # everything that runs the package's scripts
+        ("netns", "apt-get install -y -q /root/%s" % name),
+        ("netns", "multi-eni-routing.py --version | grep -qx 'multi-eni-routing.py [0-9].*'"),
+        ("netns", "ls /usr/lib/multi-eni-routing/__pycache__/multi_eni_routing.cpython-*.pyc"),
+        ("netns", "test -L /etc/systemd/system/multi-user.target.wants/multi-eni-routing.service"),
+        ("netns", "apt-get purge -y -q multi-eni-routing"),
+        ("netns", "! find / -xdev -name '*multi-eni-routing*' -not -path '/root/*' | grep ."),
+    ]
+    with extracted(suite) as root, scratch_netns() as netns:
+        shutil.copy(deb, root / "root" / name)
+        for where, command in steps:
+            result = chroot(root, "cd /root && " + command, netns=netns if where else None, timeout=900)
+            print("fresh %s root: %s: exit %d\n%s%s" % (suite, command, result.returncode,
+                                                        result.stdout[-1500:], result.stderr[-1500:]), flush=True)
+            if result.returncode != 0:
+                return 1
+    return 0
+
+
 def main(argv):
     if len(argv) >= 1 and argv[0] == "readme-tests":
         return readme_tests(*argv[1:2])
+    if len(argv) == 3 and argv[0] == "install-deb":
+        return install_deb(argv[1], argv[2])
     if len(argv) >= 2 and argv[0] == "build":
         print(tarball(argv[1], *argv[2:3]))
         return 0
-    sys.stderr.write("usage: fresh_root.py readme-tests [SUITE] | build SUITE [%s]\n" % "|".join(FLAVOURS))
+    sys.stderr.write("usage: fresh_root.py readme-tests [SUITE] | install-deb SUITE DEB"
+                     " | build SUITE [%s]\n" % "|".join(FLAVOURS))
     return 2
 
 

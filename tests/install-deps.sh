@@ -1,9 +1,10 @@
 #!/bin/sh
 # Installs what the tests need on Debian or Ubuntu (run as root, from anywhere
 # in the source tree): the programs the tool drives and those the lab, the
-# shell checks and the boot test use, from the distribution; and pytest,
-# pytest-cov, coverage >= 7.10 and prometheus-client (the metrics file's
-# parser) in a virtual environment, .venv in the
+# shell checks, the boot test and the package builds (debhelper, rpmbuild,
+# their linters) use, from the distribution; and pytest, pytest-cov,
+# coverage >= 7.10 and prometheus-client (the metrics file's parser) in a
+# virtual environment, .venv in the
 # source tree (the system Python is never changed: PEP 668).  Then run:
 #   .venv/bin/python -m pytest -ra --cov=multi_eni_routing tests
 set -eu
@@ -27,6 +28,14 @@ systemd-container
 docker.io
 busybox-static
 make
+build-essential
+debhelper
+dh-python
+dpkg-dev
+fakeroot
+lintian
+rpm
+rpmlint
 "
 # Installed where the distribution has them: the docker command is in
 # docker-cli from Debian 13 on (docker.io only recommends it).

@@ -542,7 +542,7 @@ def test_install_now_routes_every_address(booted):
     assert lab.tcp_ok(lab.client, secondary)
     status = machine.sh("systemctl show -p StatusText --value %s" % UNIT).stdout
     assert status.startswith("applied") or status.startswith("in sync"), status
-    assert machine.sh("man -w multi-eni-routing 2>/dev/null || ls /usr/share/man/man8/multi-eni-routing.8").stdout
+    assert machine.sh("man -w multi-eni-routing 2>/dev/null || ls /usr/share/man/man8/multi-eni-routing.8.gz").stdout
     # Again: nothing changes, and the running watcher is left alone.
     pid = machine.sh("systemctl show -p MainPID --value %s" % UNIT).stdout
     snap = state(machine, lab)

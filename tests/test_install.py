@@ -3,6 +3,7 @@ run that changes nothing, an admin's options file that survives, and an
 uninstall that leaves nothing behind. No root needed: with DESTDIR the script
 registers nothing and checks no host programs."""
 
+import gzip
 import hashlib
 import os
 import shutil
@@ -14,13 +15,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = REPO / "install.sh"
 TOOL_SOURCE = REPO / "multi_eni_routing.py"
+LAUNCHER = "usr/bin/multi-eni-routing.py"
+MODULE = "usr/lib/multi-eni-routing/multi_eni_routing.py"
 
 PROGRAMS = 0o755
 DATA = 0o644
 # What a default install (PREFIX=/usr, Debian-style options file) puts down.
 EXPECTED = {
     "usr/bin/multi-eni-routing.py": PROGRAMS,
-    "usr/share/man/man8/multi-eni-routing.8": DATA,
+    "usr/lib/multi-eni-routing/multi_eni_routing.py": DATA,
+    "usr/share/man/man8/multi-eni-routing.8.gz": DATA,
     "etc/init.d/multi-eni-routing": PROGRAMS,
     "etc/default/multi-eni-routing": DATA,
     "usr/lib/systemd/system/multi-eni-routing.service": DATA,
@@ -34,6 +38,7 @@ REFERRING = [
 # What earlier versions installed and the watcher replaces.
 OBSOLETE = [
     "usr/libexec/multi-eni-routing-hotplug",
+    "usr/share/man/man8/multi-eni-routing.8",  # uncompressed, before the packages
     "usr/lib/systemd/system/multi-eni-routing-refresh.service",
     "usr/lib/systemd/system/multi-eni-routing-refresh.timer",
     "usr/lib/udev/rules.d/90-multi-eni-routing.rules",
@@ -94,8 +99,29 @@ def test_installs_exactly_the_expected_files_with_their_modes(installed):
     assert files_under(installed) == EXPECTED
 
 
-def test_installs_the_tool_unchanged(installed):
-    assert (installed / "usr/bin/multi-eni-routing.py").read_bytes() == TOOL_SOURCE.read_bytes()
+def test_installs_the_tool_unchanged_as_a_module_beside_its_launcher(installed):
+    # the same lines, but for the #! line: a module is imported, not run
+    module, source = (installed / MODULE).read_text(), TOOL_SOURCE.read_text()
+    assert source.startswith("#!") and not module.startswith("#!")
+    assert module.split("\n", 1)[1] == source.split("\n", 1)[1]
+    launcher = (installed / LAUNCHER).read_text()
+    assert launcher.startswith("#!/usr/bin/python3 -SE\n")
+    assert 'sys.path[0] = "/usr/lib/multi-eni-routing"' in launcher
+
+
+def test_the_launcher_runs_the_tool_from_its_module(installed):
+    """The command names itself as before; the module is imported, so Python
+    caches its bytecode (with DESTDIR nothing is compiled: packages do that)."""
+    assert not (installed / "usr/lib/multi-eni-routing/__pycache__").exists()
+    launcher = (installed / LAUNCHER).read_text().replace("/usr/lib/multi-eni-routing",
+                                                          str(installed / "usr/lib/multi-eni-routing"))
+    (installed / LAUNCHER).write_text(launcher)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    result = subprocess.run([str(installed / LAUNCHER), "--version"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("multi-eni-routing.py ")
+    assert list((installed / "usr/lib/multi-eni-routing/__pycache__").glob("multi_eni_routing.*.pyc"))
 
 
 def test_installs_the_shipped_options_file(installed):
@@ -107,22 +133,24 @@ def test_default_prefix_paths_point_at_usr(installed):
     unit = (installed / "usr/lib/systemd/system/multi-eni-routing.service").read_text()
     assert ("ExecStart=/usr/bin/multi-eni-routing.py --watch --options-file /etc/default/multi-eni-routing"
             in unit)
-    assert ("ExecStopPost=/usr/bin/multi-eni-routing.py --flush -q --options-file "
-            "/etc/default/multi-eni-routing" in unit)
+    assert ("ExecStopPost=/usr/bin/multi-eni-routing.py --flush -q --unless-restarting "
+            "multi-eni-routing.service --options-file /etc/default/multi-eni-routing" in unit)
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
     initd = (installed / "etc/init.d/multi-eni-routing").read_text()
     assert "OPTIONS=${MULTI_ENI_ROUTING_OPTIONS:-/etc/default/multi-eni-routing}" in initd
 
 
 def test_installs_the_man_page(installed):
-    page = installed / "usr/share/man/man8/multi-eni-routing.8"
-    assert page.read_text().startswith(".TH MULTI-ENI-ROUTING 8")
+    page = installed / "usr/share/man/man8/multi-eni-routing.8.gz"
+    assert gzip.decompress(page.read_bytes()).decode().startswith(".TH MULTI-ENI-ROUTING 8")
 
 
 def test_prefix_is_substituted_in_every_file_that_names_a_path(tmp_path):
     root = tmp_path / "root"
     result = run_install("--prefix", "/opt/mer", destdir=root)
     assert result.returncode == 0, result.stderr
-    moved = {path.replace("usr/bin/", "opt/mer/bin/").replace("usr/share/", "opt/mer/share/"): mode
+    moved = {path.replace("usr/bin/", "opt/mer/bin/").replace("usr/share/", "opt/mer/share/")
+             .replace("usr/lib/multi-eni-routing/", "opt/mer/lib/multi-eni-routing/"): mode
              for path, mode in EXPECTED.items()}
     assert files_under(root) == moved
     for rel in REFERRING:
@@ -134,6 +162,9 @@ def test_prefix_is_substituted_in_every_file_that_names_a_path(tmp_path):
     unit = (root / "usr/lib/systemd/system/multi-eni-routing.service").read_text()
     assert "ExecStart=/opt/mer/bin/multi-eni-routing.py --watch --options-file" in unit
     assert "ExecStopPost=/opt/mer/bin/multi-eni-routing.py --flush" in unit
+    launcher = (root / "opt/mer/bin/multi-eni-routing.py").read_text()
+    assert 'sys.path[0] = "/opt/mer/lib/multi-eni-routing"' in launcher
+    assert "/usr/lib/multi-eni-routing" not in launcher
 
 
 def test_prefix_from_the_environment(tmp_path):
@@ -170,7 +201,7 @@ def test_second_install_changes_nothing(installed):
 def test_reinstall_repairs_a_changed_program_and_mode(installed):
     initd = installed / "etc/init.d/multi-eni-routing"
     initd.write_text("broken\n")
-    page = installed / "usr/share/man/man8/multi-eni-routing.8"
+    page = installed / "usr/share/man/man8/multi-eni-routing.8.gz"
     page.chmod(0o600)
     result = run_install(destdir=installed)
     assert result.returncode == 0, result.stderr

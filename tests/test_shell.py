@@ -132,8 +132,12 @@ def test_unit_runs_the_watcher_and_flushes_after_it_ended():
         "/usr/bin/multi-eni-routing.py --watch --options-file /etc/default/multi-eni-routing"]
     # after the watcher exited (ExecStop would race it), and never failing on the options
     assert "ExecStop" not in service
+    # ... except while systemd restarts it: the next watcher takes the routing over
     assert service["ExecStopPost"] == [
-        "/usr/bin/multi-eni-routing.py --flush -q --options-file /etc/default/multi-eni-routing"]
+        "/usr/bin/multi-eni-routing.py --flush -q --unless-restarting multi-eni-routing.service "
+        "--options-file /etc/default/multi-eni-routing"]
+    # a reload restarts the watcher in place (SIGHUP), which reads the options again
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert "EnvironmentFile" not in service
     assert service["Restart"] == ["on-failure"]
     assert set(service["RestartPreventExitStatus"][0].split()) == {"2", "4", "5"}
