@@ -3310,34 +3310,26 @@ def validate(options):
         imds_poll=IMDS_POLL_DEFAULT if options.imds_poll is None else options.imds_poll)
 
 
-def refresh_arg(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argument_error("not a number of seconds: %r" % text)
-    if not 1 <= value <= 86400:
-        raise argument_error("%r: give 1 <= SECONDS <= 86400" % text)
-    return value
+def seconds_type(low, high, never=False):
+    """An argparse type: seconds from `low` (excluded when 0) to `high`, or 0
+    for "never" where `never`."""
+    bound = "%s %s SECONDS <= %s" % (low, "<" if low == 0 else "<=", high)
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argument_error("not a number of seconds: %r" % text)
+        inside = low < value <= high if low == 0 else low <= value <= high
+        if not (inside or never and value == 0):
+            raise argument_error("%r: give %s%s" % (text, "0 (never) or " if never else "", bound))
+        return value
+    return parse
 
 
-def poll_arg(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argument_error("not a number of seconds: %r" % text)
-    if not (value == 0 or 1 <= value <= 86400):
-        raise argument_error("%r: give 0 (never) or 1 <= SECONDS <= 86400" % text)
-    return value
-
-
-def seconds_arg(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argument_error("not a number of seconds: %r" % text)
-    if not 0 < value <= 300:
-        raise argument_error("%r: give 0 < SECONDS <= 300" % text)
-    return value
+refresh_arg = seconds_type(1, 86400)
+poll_arg = seconds_type(1, 86400, never=True)
+seconds_arg = seconds_type(0, 300)
 
 
 def mark_mask_arg(text):

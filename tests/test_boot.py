@@ -410,15 +410,35 @@ def prepare(root, lab, stack=None):
     (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
     lab_nics_dropin(root)
     (root / "usr/sbin/policy-rc.d").unlink()  # a booted machine starts its services
+    copy_source(root)
+
+
+def copy_source(root):
+    """A clone of this checkout at SRC in the root, with the working tree as it
+    is (uncommitted changes too): what is being tested."""
     clone = root / SRC.lstrip("/")
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, capture_output=True)
-    # the working tree as it is (uncommitted changes too): what is being tested
     files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "-co", "--exclude-standard"],
                            capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, files):
         if (REPO / name).is_file():
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, clone / name)
+
+
+def boot_machine(resources, root, lab, stack=None):
+    """The root booted in the lab's instance namespace, powered off and killed
+    when `resources` (an ExitStack) closes; a skip when nspawn cannot boot it
+    (before anything of ours is installed: the host's limits)."""
+    log = resources.enter_context(tempfile.NamedTemporaryFile("w+", prefix="mer-nspawn-", suffix=".log"))
+    machine = Machine(root, lab.instance, log, stack)
+    resources.callback(machine.kill)
+    resources.callback(machine.poweroff)
+    try:
+        machine.boot()
+    except AssertionError as exc:
+        pytest.skip("systemd-nspawn cannot boot a Debian 12 root here: %s" % str(exc)[:500])
+    return machine
 
 
 @pytest.fixture(scope="module", params=stack_params(), ids=lambda s: "%s-%s" % (s.name, s.iptables))
@@ -437,14 +457,7 @@ def booted(request):
         started = time.monotonic()
         root = resources.enter_context(fresh_root.extracted(SUITE, stack.flavour))
         prepare(root, lab, stack)
-        log = resources.enter_context(tempfile.NamedTemporaryFile("w+", prefix="mer-nspawn-", suffix=".log"))
-        machine = Machine(root, lab.instance, log, stack)
-        resources.callback(machine.kill)
-        resources.callback(machine.poweroff)
-        try:
-            machine.boot()
-        except AssertionError as exc:  # before anything of ours is installed: the host's limits
-            pytest.skip("systemd-nspawn cannot boot a Debian 12 root here: %s" % str(exc)[:500])
+        machine = boot_machine(resources, root, lab, stack)
         wait_online(machine)
         wait_for(lambda: all(r.icmp for r in lab.reachability(lab.addresses(lab.enis[0])).values()),
                  30, "eth0 answering before the install")

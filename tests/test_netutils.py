@@ -56,7 +56,8 @@ import fresh_root  # noqa: E402
 import lab as lablib  # noqa: E402
 from recorded import mer  # noqa: E402
 from lab import wait_for  # noqa: E402
-from test_boot import NSPAWN_STATE, SRC, SUITE, UNIT, Machine, cannot_boot, lab_nics_dropin  # noqa: E402
+from test_boot import (NSPAWN_STATE, SRC, SUITE, UNIT, boot_machine, cannot_boot, copy_source,  # noqa: E402
+                       lab_nics_dropin)
 
 REPO = Path(__file__).resolve().parent.parent
 ENI_NAMES = ("eth0", "eth1")
@@ -274,15 +275,7 @@ def prepare(root, lab):
     (wants / "network-online.target").symlink_to("/lib/systemd/system/network-online.target")
     lab_nics_dropin(root)  # the watcher takes the lab's veth ENIs for NICs
     (root / "usr/sbin/policy-rc.d").unlink()  # a booted machine starts its services
-    clone = root / SRC.lstrip("/")
-    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, capture_output=True)
-    # the working tree as it is (uncommitted changes too): what is being tested
-    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "-co", "--exclude-standard"],
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, clone / name)
+    copy_source(root)
 
 
 def trigger_netutils(machine):
@@ -369,14 +362,7 @@ def booted(request):
         print("amazon-ec2-net-utils %s (%s)" % (version, request.param))
         start_dhcp(lab, stack)
         prepare(root, lab)
-        log = stack.enter_context(tempfile.NamedTemporaryFile("w+", prefix="mer-nspawn-", suffix=".log"))
-        machine = Machine(root, lab.instance, log)
-        stack.callback(machine.kill)
-        stack.callback(machine.poweroff)
-        try:
-            machine.boot()
-        except AssertionError as exc:
-            pytest.skip("systemd-nspawn cannot boot a Debian 12 root here: %s" % str(exc)[:500])
+        machine = boot_machine(stack, root, lab)
         wait_for(lambda: machine.sh("systemctl is-active network-online.target", check=False)
                  .stdout.strip() == "active", 60, "network-online.target")
         trigger_netutils(machine)

@@ -27,8 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -39,14 +37,11 @@ import fresh_root  # noqa: E402
 import packages  # noqa: E402
 from gapless import Watch  # noqa: E402
 from lab import Lab  # noqa: E402
-from test_boot import (NSPAWN_STATE, SRC, Machine, cannot_boot, file_list, prepare,  # noqa: E402
-                       wait_for)
+from test_boot import (NSPAWN_STATE, REPO, SRC, SUITE, UNIT, boot_machine, cannot_boot, file_list,  # noqa: E402
+                       prepare, wait_for)
 
 pytestmark = pytest.mark.root
 
-REPO = Path(__file__).resolve().parent.parent
-SUITE = "bookworm"
-UNIT = "multi-eni-routing.service"
 DEB_OPTIONS = "/etc/default/multi-eni-routing"
 # The last commit before restarts kept the routing (its unit flushed in
 # ExecStopPost on every stop, restarts included): the "older version".
@@ -83,14 +78,7 @@ def booted():
         debs = {"older": packages.build_deb(root / "root", version + "~older1"),
                 "newer": packages.build_deb(root / "root", version)}
         debs = {key: "/root/" + path.name for key, path in debs.items()}
-        log = stack.enter_context(tempfile.NamedTemporaryFile("w+", prefix="mer-nspawn-", suffix=".log"))
-        machine = Machine(root, lab.instance, log)
-        stack.callback(machine.kill)
-        stack.callback(machine.poweroff)
-        try:
-            machine.boot()
-        except AssertionError as exc:  # before anything of ours is installed: the host's limits
-            pytest.skip("systemd-nspawn cannot boot a Debian 12 root here: %s" % str(exc)[:500])
+        machine = boot_machine(stack, root, lab)
         wait_for(lambda: machine.sh("systemctl is-active network-online.target", check=False)
                  .stdout.strip() == "active", 60, "network-online.target")
         wait_for(lambda: all(r.icmp for r in lab.reachability(lab.addresses(lab.enis[0])).values()),

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import TEST_NICS, TOOL, TOOL_PYTHON, _run, cpu_ticks, memory_kb, wait_for
+from lab import Watching, _run, cpu_ticks, memory_kb, wait_for
 from recorded import mer
 
 
@@ -326,77 +325,6 @@ def test_a_stop_signal_sent_while_the_system_is_changed_comes_after_the_change()
 
 
 # -- Lab: the watcher as a process in the instance namespace. ---------------------
-
-class Watching:
-    """The tool's --watch in LAB's instance namespace, with a notify socket
-    standing in for systemd's and its output in a file; killed by close()."""
-
-    def __init__(self, lab, *args, env=None):
-        self.lab = lab
-        self.directory = tempfile.mkdtemp(prefix="mer-watch-")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(os.path.join(self.directory, "notify"))
-        self.output_path = os.path.join(self.directory, "output")
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MULTI_ENI_ROUTING")}
-        full_env.update(TEST_NICS, **(env or {}))
-        full_env["NOTIFY_SOCKET"] = os.path.join(self.directory, "notify")
-        with open(self.output_path, "w") as output:
-            self.process = subprocess.Popen(
-                ["ip", "netns", "exec", lab.instance, TOOL_PYTHON, str(TOOL), "--watch", "-v",
-                 *args, "--state-dir", lab.state_dir],
-                stdout=output, stderr=subprocess.STDOUT, env=full_env)
-        self.messages = []
-
-    def receive(self, timeout):
-        """The next sd_notify message, or None after `timeout` seconds."""
-        self.notify.settimeout(max(timeout, 0.001))
-        try:
-            text = self.notify.recv(4096).decode()
-        except socket.timeout:
-            return None
-        self.messages.append(text)
-        return text
-
-    def wait_message(self, prefix, timeout=20):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.receive(deadline - time.monotonic())
-            if text and text.startswith(prefix):
-                return text
-        raise AssertionError("no %r from the watcher within %s s; output:\n%s" % (prefix, timeout, self.output()))
-
-    def statuses_during(self, seconds):
-        """The STATUS lines (one per converge) that come within `seconds`."""
-        deadline, found = time.monotonic() + seconds, []
-        while time.monotonic() < deadline:
-            text = self.receive(deadline - time.monotonic())
-            if text and text.startswith("STATUS="):
-                found.append(text)
-        return found
-
-    def ready(self):
-        self.wait_message("READY=1")
-        return self
-
-    def settle(self, quiet=1.0, timeout=15):
-        """Wait until no converge came for `quiet` seconds (after a change, one
-        follow-up converge checks that nothing else changed meanwhile)."""
-        deadline = time.monotonic() + timeout
-        while self.statuses_during(quiet):
-            if time.monotonic() > deadline:
-                raise AssertionError("the watcher does not settle:\n" + self.output())
-
-    def output(self):
-        with open(self.output_path) as handle:
-            return handle.read()
-
-    def close(self):
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.notify.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
 
 @pytest.fixture
 def watching():
