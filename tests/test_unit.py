@@ -489,7 +489,8 @@ def test_ipv6_sources_read_as_empty_when_the_kernel_has_no_ipv6(monkeypatch):
     calls = []
     monkeypatch.setattr(mer, "ipv6_enabled", lambda: False)
     monkeypatch.setattr(mer, "run_together",
-                        lambda commands: calls.extend(argv for argv, _ in commands) or ["[]"] * len(commands))
+                        lambda commands: calls.extend(argv + [stdin or ""] for argv, stdin in commands)
+                        or ["[]\n" * max(1, (stdin or "").count("\n")) for _, stdin in commands])
     outputs = mer.read_outputs({name: name for name in ("ip", "iptables-save", "ip6tables-save")})
     assert outputs["rule6"] == outputs["route6"] == outputs["mangle6"] == ""
     assert not any("-6" in c or "ip6tables-save" in c for c in calls)
