@@ -2771,8 +2771,19 @@ def one_line_parser(**settings):
     import argparse
 
     class OneLineParser(argparse.ArgumentParser):
+        adding = True  # build_parser() clears it once every option is added
+
         def error(self, message):
             raise UsageError("%s (see --help)" % message, self.prog)
+
+        def _get_formatter(self):
+            # add_argument() formats each option's metavar to check it, with a
+            # formatter that asks for the terminal's width: shutil and its
+            # imports, 3 ms of every run, for a width a metavar does not use.
+            # --help and usage get the terminal's width as ever.
+            if self.adding:
+                return self.formatter_class(prog=self.prog, width=80)
+            return super()._get_formatter()
 
     return OneLineParser(**settings)
 
@@ -2923,6 +2934,7 @@ def build_parser():
                         help="read options from FILE first (words as in a shell, # comments, no "
                              "expansion); the command line's come after them")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
+    parser.adding = False
     return parser
 
 
