@@ -325,13 +325,17 @@ READ_COMMANDS = (
     ("addr", ("ip", "-j", "address", "show")),
     ("rule4", ("ip", "-j", "-4", "rule", "show")),
     ("rule6", ("ip", "-j", "-6", "rule", "show")),
-    ("route4", ("ip", "-j", "-4", "route", "show", "table", "all")),
-    ("route6", ("ip", "-j", "-6", "route", "show", "table", "all")),
+    ("route4", ("ip", "-j", "-4", "route", "show", "table", "main")),
+    ("route6", ("ip", "-j", "-6", "route", "show", "table", "main")),
+    # The tool's routes: in its tables, never in local, whose route per address
+    # (two per IPv4 address) would be most of the output at 50 addresses per ENI.
+    ("own4", ("ip", "-j", "-4", "route", "show", "table", "all", "proto", str(RT_PROTO))),
+    ("own6", ("ip", "-j", "-6", "route", "show", "table", "all", "proto", str(RT_PROTO))),
     ("mangle4", ("iptables-save", "-t", "mangle")),
     ("mangle6", ("ip6tables-save", "-t", "mangle")),
 )
 ALL_SOURCES = frozenset(name for name, _ in READ_COMMANDS)
-IPV6_SOURCES = frozenset(("rule6", "route6", "mangle6"))
+IPV6_SOURCES = frozenset(("rule6", "route6", "own6", "mangle6"))
 # The `ip` options before the object: reads that share them run as one `ip
 # -batch` (a process costs more than the read itself; an apply reads twice).
 IP_OPTIONS = 3
@@ -397,8 +401,8 @@ def read_split(text, group, programs):
 
 
 # The READ_COMMANDS whose output a command of each kind can alter.
-SOURCES_OF = {("ip", "rule"): "rule%d", ("ip", "route"): "route%d", ("ip", "address"): "addr",
-              ("ip", "link"): "addr", ("iptables", None): "mangle%d"}
+SOURCES_OF = {("ip", "rule"): ("rule%d",), ("ip", "route"): ("route%d", "own%d"), ("ip", "address"): ("addr",),
+              ("ip", "link"): ("addr",), ("iptables", None): ("mangle%d",)}
 
 
 def sources_touched(changes):
@@ -406,7 +410,7 @@ def sources_touched(changes):
     names = set()
     for command in changes.commands:
         kind = command.words[0] if command.tool == "ip" else None
-        names.add(SOURCES_OF[command.tool, kind].replace("%d", str(command.family)))
+        names.update(name.replace("%d", str(command.family)) for name in SOURCES_OF[command.tool, kind])
     return names
 
 
@@ -416,6 +420,9 @@ def parse_system(outputs, sysfs, ipv6=True):
     for family in FAMILIES:
         rules += parse_rules(load_json(outputs["rule%d" % family], "ip -%d rule" % family), family)
         routes += parse_routes(load_json(outputs["route%d" % family], "ip -%d route" % family), family)
+        # Main's routes are in route4/6 (a recording's, of all tables, has the tool's too).
+        own = parse_routes(load_json(outputs.get("own%d" % family), "ip -%d route" % family), family, RT_PROTO)
+        routes += [route for route in own if isinstance(route, Route)]
     return System(
         links=parse_links(load_json(outputs["addr"], "ip address")),
         main_routes=[route for route in routes if isinstance(route, MainRoute)],
@@ -507,8 +514,9 @@ def parse_rules(data, family):
     return rules
 
 
-def parse_routes(data, family):
-    """The tool's own routes (Route), and main's unicast routes (MainRoute)."""
+def parse_routes(data, family, protocol=None):
+    """The tool's own routes (Route), and main's unicast routes (MainRoute).
+    `protocol`: that of every entry, read with `proto N` (`ip` then omits it)."""
     routes = []
     for entry in data:
         table = table_number(entry.get("table"))
@@ -517,7 +525,7 @@ def parse_routes(data, family):
         dst = entry["dst"] if entry["dst"] == "default" else host_cidr(*entry["dst"].split("/"))
         if table == TABLE_MAIN:
             routes.append(MainRoute(family, dst, entry.get("gateway"), entry["dev"]))
-        elif (str(entry.get("protocol")) == str(RT_PROTO)
+        elif (str(entry.get("protocol", protocol)) == str(RT_PROTO)
               and isinstance(table, int) and TABLE_BASE <= table <= TABLE_LAST):
             routes.append(Route(family, table, dst, entry.get("gateway"), entry["dev"]))
     return routes
