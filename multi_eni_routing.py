@@ -404,7 +404,8 @@ def read_split(text, group, programs):
 
 
 # The READ_COMMANDS whose output a command of each kind can alter.
-SOURCES_OF = {("ip", "rule"): ("rule%d",), ("ip", "route"): ("route%d", "own%d"), ("ip", "address"): ("addr",),
+# (The tool's routes are all in its own tables: main's, route4/6, are never altered.)
+SOURCES_OF = {("ip", "rule"): ("rule%d",), ("ip", "route"): ("own%d",), ("ip", "address"): ("addr",),
               ("ip", "link"): ("link",), ("iptables", None): ("mangle%d",)}
 
 
