@@ -327,13 +327,23 @@ READ_COMMANDS = (
     ("addr", ("ip", "-j", "address", "show")),
     ("rule4", ("ip", "-j", "-4", "rule", "show")),
     ("rule6", ("ip", "-j", "-6", "rule", "show")),
-    ("route4", ("ip", "-j", "-4", "route", "show", "table", "all")),
-    ("route6", ("ip", "-j", "-6", "route", "show", "table", "all")),
+    ("route4", ("ip", "-j", "-4", "route", "show", "table", "main")),
+    ("route6", ("ip", "-j", "-6", "route", "show", "table", "main")),
+    # The tool's routes: in its tables, never in local, whose route per address
+    # (two per IPv4 address) would be most of the output at 50 addresses per ENI.
+    ("own4", ("ip", "-j", "-4", "route", "show", "table", "all", "proto", str(RT_PROTO))),
+    ("own6", ("ip", "-j", "-6", "route", "show", "table", "all", "proto", str(RT_PROTO))),
     ("mangle4", ("iptables-save", "-t", "mangle")),
     ("mangle6", ("ip6tables-save", "-t", "mangle")),
+    # The links without their addresses: what verify re-reads after changing
+    # link groups alone (addr costs twenty times as much at 50 addresses per ENI).
+    ("link", ("ip", "-j", "link", "show")),
 )
-ALL_SOURCES = frozenset(name for name, _ in READ_COMMANDS)
-IPV6_SOURCES = frozenset(("rule6", "route6", "mangle6"))
+ALL_SOURCES = frozenset(name for name, _ in READ_COMMANDS) - {"link"}
+IPV6_SOURCES = frozenset(("rule6", "route6", "own6", "mangle6"))
+# The `ip` options before the object: reads that share them run as one `ip
+# -batch` (a process costs more than the read itself; an apply reads twice).
+IP_OPTIONS = 3
 
 
 def ipv6_enabled():
@@ -348,15 +358,57 @@ def read_outputs(programs, names=ALL_SOURCES):
     if not ipv6_enabled():
         outputs = {name: "" for name in names & IPV6_SOURCES}
         names = names - IPV6_SOURCES
-    chosen = [(name, argv) for name, argv in READ_COMMANDS if name in names]
-    commands = [[programs[argv[0]]] + list(argv[1:]) for _, argv in chosen]
-    outputs.update(zip((name for name, _ in chosen), run_together([(argv, None) for argv in commands])))
+    groups = read_groups([(name, argv) for name, argv in READ_COMMANDS if name in names])
+    commands = [read_command(programs, group) for group in groups]
+    for group, text in zip(groups, run_together(commands)):
+        outputs.update(zip([name for name, _ in group], read_split(text, group, programs)))
     return outputs
 
 
+def read_groups(chosen):
+    """The chosen reads as groups run by one process each: `ip -j -4` reads
+    share one batch per set of options, any other read is alone."""
+    groups, batched = [], {}
+    for name, argv in chosen:
+        if argv[0] == "ip" and argv[IP_OPTIONS - 1].startswith("-"):
+            key = argv[:IP_OPTIONS]
+            if key not in batched:
+                batched[key] = []
+                groups.append(batched[key])
+            batched[key].append((name, argv))
+        else:
+            groups.append([(name, argv)])
+    return groups
+
+
+def read_command(programs, group):
+    """(argv, stdin) that runs a group of reads: one alone as it is, several
+    as an `ip -batch` of their objects and verbs."""
+    argv = group[0][1]
+    if len(group) == 1:
+        return [programs[argv[0]]] + list(argv[1:]), None
+    lines = "".join(" ".join(argv[IP_OPTIONS:]) + "\n" for _, argv in group)
+    return [programs["ip"]] + list(argv[1:IP_OPTIONS]) + ["-batch", "-"], lines
+
+
+def read_split(text, group, programs):
+    """The output of each read in a group. A batch of `ip -j` prints each
+    command's JSON array on a line of its own (JSON strings hold no raw line
+    break); an `ip` that prints them otherwise has each read run alone."""
+    if len(group) == 1:
+        return [text]
+    lines = [line for line in text.split("\n") if line.strip()]
+    if len(lines) == len(group) and all(line.lstrip().startswith("[") and line.rstrip().endswith("]")
+                                        for line in lines):
+        return lines
+    log.debug("ip -batch printed %d lines for %d commands: each run alone", len(lines), len(group))
+    return [run(read_command(programs, [read])[0]) for read in group]
+
+
 # The READ_COMMANDS whose output a command of each kind can alter.
-SOURCES_OF = {("ip", "rule"): "rule%d", ("ip", "route"): "route%d", ("ip", "address"): "addr",
-              ("ip", "link"): "addr", ("iptables", None): "mangle%d"}
+# (The tool's routes are all in its own tables: main's, route4/6, are never altered.)
+SOURCES_OF = {("ip", "rule"): ("rule%d",), ("ip", "route"): ("own%d",), ("ip", "address"): ("addr",),
+              ("ip", "link"): ("link",), ("iptables", None): ("mangle%d",)}
 
 
 def sources_touched(changes):
@@ -364,7 +416,7 @@ def sources_touched(changes):
     names = set()
     for command in changes.commands:
         kind = command.words[0] if command.tool == "ip" else None
-        names.add(SOURCES_OF[command.tool, kind].replace("%d", str(command.family)))
+        names.update(name.replace("%d", str(command.family)) for name in SOURCES_OF[command.tool, kind])
     return names
 
 
@@ -374,8 +426,14 @@ def parse_system(outputs, sysfs, ipv6=True):
     for family in FAMILIES:
         rules += parse_rules(load_json(outputs["rule%d" % family], "ip -%d rule" % family), family)
         routes += parse_routes(load_json(outputs["route%d" % family], "ip -%d route" % family), family)
+        # Main's routes are in route4/6 (a recording's, of all tables, has the tool's too).
+        own = parse_routes(load_json(outputs.get("own%d" % family), "ip -%d route" % family), family, RT_PROTO)
+        routes += [route for route in own if isinstance(route, Route)]
+    links = parse_links(load_json(outputs["addr"], "ip address"))
+    if outputs.get("link"):
+        links = with_addresses_of(parse_links(load_json(outputs["link"], "ip link")), links)
     return System(
-        links=parse_links(load_json(outputs["addr"], "ip address")),
+        links=links,
         main_routes=[route for route in routes if isinstance(route, MainRoute)],
         rules=[r for r in rules if isinstance(r, Rule)],
         foreign_rules=[r for r in rules if isinstance(r, ForeignRule)],
@@ -411,6 +469,13 @@ def parse_links(data):
             group=group_number(entry.get("group")),
             addresses={family: tuple(found) for family, found in addrs.items()}))
     return links
+
+
+def with_addresses_of(links, earlier):
+    """The links as `ip link` shows them now, each with its addresses as
+    `earlier` (from `ip address`, read before) lists them."""
+    addresses = {link.index: link.addresses for link in earlier}
+    return [link._replace(addresses=addresses.get(link.index, link.addresses)) for link in links]
 
 
 def group_number(value):
@@ -465,8 +530,9 @@ def parse_rules(data, family):
     return rules
 
 
-def parse_routes(data, family):
-    """The tool's own routes (Route), and main's unicast routes (MainRoute)."""
+def parse_routes(data, family, protocol=None):
+    """The tool's own routes (Route), and main's unicast routes (MainRoute).
+    `protocol`: that of every entry, read with `proto N` (`ip` then omits it)."""
     routes = []
     for entry in data:
         table = table_number(entry.get("table"))
@@ -475,7 +541,7 @@ def parse_routes(data, family):
         dst = entry["dst"] if entry["dst"] == "default" else host_cidr(*entry["dst"].split("/"))
         if table == TABLE_MAIN:
             routes.append(MainRoute(family, dst, entry.get("gateway"), entry["dev"]))
-        elif (str(entry.get("protocol")) == str(RT_PROTO)
+        elif (str(entry.get("protocol", protocol)) == str(RT_PROTO)
               and isinstance(table, int) and TABLE_BASE <= table <= TABLE_LAST):
             routes.append(Route(family, table, dst, entry.get("gateway"), entry["dev"]))
     return routes
@@ -3114,8 +3180,19 @@ def one_line_parser(**settings):
     import argparse
 
     class OneLineParser(argparse.ArgumentParser):
+        adding = True  # build_parser() clears it once every option is added
+
         def error(self, message):
             raise UsageError("%s (see --help)" % message, self.prog)
+
+        def _get_formatter(self):
+            # add_argument() formats each option's metavar to check it, with a
+            # formatter that asks for the terminal's width: shutil and its
+            # imports, 3 ms of every run, for a width a metavar does not use.
+            # --help and usage get the terminal's width as ever.
+            if self.adding:
+                return self.formatter_class(prog=self.prog, width=80)
+            return super()._get_formatter()
 
     return OneLineParser(**settings)
 
@@ -3283,6 +3360,7 @@ def build_parser():
                         help="read options from FILE first (words as in a shell, # comments, no "
                              "expansion); the command line's come after them")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
+    parser.adding = False
     return parser
 
 

@@ -2,6 +2,7 @@
 """Start-up of the installed command, as ratios to the interpreter's own start.
 
 Run as root from anywhere:  python3 bench/startup.py [--rounds 20] [--check] [--json FILE]
+                                                     [--compare OTHER/multi_eni_routing.py]
 
 The command is installed as install.sh installs it (the module beside a small
 launcher, compiled to bytecode: `install.sh --destdir` into a temporary
@@ -16,6 +17,9 @@ VM vary by 5-10%):
   apply 15x50      ip netns exec NS launcher -i eth0 .. -i eth14 --no-imds
                    from clean (flushed between rounds, untimed)
                                                  against  ip netns exec NS python3 -c pass
+  apply 15x50 (compared)   with --compare FILE: the same apply by FILE (another
+                   version of the tool), installed the same way, in the same
+                   paired rounds: before and after a change, from one run
 
 The apply runs in a network namespace the bench creates and deletes
 (mer-startup-<pid>): 15 veth interfaces eth0..eth14 (their peers gw0..gw14 in
@@ -56,10 +60,13 @@ def timed(argv):
     return elapsed
 
 
-def install(work):
-    """The command as install.sh installs it, under WORK; the launcher's path."""
+def install(work, module=None):
+    """The command as install.sh installs it, under WORK (with MODULE, another
+    version of the tool, in place of this checkout's); the launcher's path."""
     subprocess.run(["sh", os.path.join(REPO, "install.sh"), "--destdir", work, "-q"], check=True, env=ENV)
     libdir = os.path.join(work, "usr/lib/multi-eni-routing")
+    if module:
+        shutil.copyfile(module, os.path.join(libdir, "multi_eni_routing.py"))
     launcher = os.path.join(work, "usr/bin/multi-eni-routing.py")
     with open(launcher) as handle:
         text = handle.read()
@@ -117,12 +124,15 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=20, help="paired rounds per figure (default 20)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--json", metavar="FILE", help="also write the samples and ratios to FILE")
+    parser.add_argument("--compare", metavar="FILE",
+                        help="also time the apply of FILE (another multi_eni_routing.py), installed the same way")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("startup: run as root (the apply needs a network namespace)")
     work = tempfile.mkdtemp(prefix="mer-startup-")
     try:
         launcher = install(work)
+        other = install(os.path.join(work, "compared"), args.compare) if args.compare else None
         tool = os.path.join(REPO, "multi_eni_routing.py")
         version = rounds({"python -c pass": [PYTHON, "-c", "pass"],
                           "--version": [launcher, "--version"],
@@ -132,29 +142,37 @@ def main(argv=None):
             apply_argv = ns.prefix() + [launcher, "--no-imds", "-q", "--state-dir", state]
             for k in range(ENIS):
                 apply_argv += ["-i", "eth%d" % k]
-            flush_argv = apply_argv + ["-f"]
+            arms = {"python -c pass (ip netns exec)": ns.prefix() + [PYTHON, "-c", "pass"],
+                    "apply 15x50": apply_argv}
+            if other:
+                arms["apply 15x50 (compared)"] = [other if word == launcher else word for word in apply_argv]
 
             def flush_after(name):
-                if name == "apply 15x50":
-                    timed(flush_argv)
+                if name.startswith("apply"):
+                    timed(arms[name] + ["-f"])
 
-            timed(apply_argv)  # one untimed round trip: the page cache warm for both arms
-            timed(flush_argv)
-            applies = rounds({"python -c pass (ip netns exec)": ns.prefix() + [PYTHON, "-c", "pass"],
-                              "apply 15x50": apply_argv}, args.rounds, flush_after)
+            for name in arms:  # one untimed round trip each: the page cache warm for every arm
+                if name.startswith("apply"):
+                    timed(arms[name])
+                    flush_after(name)
+            applies = rounds(arms, args.rounds, flush_after)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     medians = {name: statistics.median(values) for name, values in {**version, **applies}.items()}
     ratios = {"version": medians["--version"] / medians["python -c pass"],
               "script": medians["script --version"] / medians["python -c pass"],
               "apply": medians["apply 15x50"] / medians["python -c pass (ip netns exec)"]}
+    if other:
+        ratios["compared"] = medians["apply 15x50 (compared)"] / medians["python -c pass (ip netns exec)"]
     print("start-up, medians of %d paired rounds (%s, %s)" % (args.rounds, PYTHON, sys.platform))
     for name, value in medians.items():
         print("  %-32s %6.1f ms" % (name, value * 1000))
     print("ratios to the interpreter started the same way:")
     missed = []
     for key, label in (("version", "--version (installed)"), ("script", "--version as a script"),
-                       ("apply", "apply 15x50, told the ENIs")):
+                       ("apply", "apply 15x50, told the ENIs"), ("compared", "apply 15x50 by --compare")):
+        if key not in ratios:
+            continue
         target = TARGETS.get(key)
         verdict = "" if target is None else ("  target <= %.1fx: %s" % (
             target, "met" if ratios[key] <= target else "MISSED"))

@@ -489,10 +489,80 @@ def test_ipv6_sources_read_as_empty_when_the_kernel_has_no_ipv6(monkeypatch):
     calls = []
     monkeypatch.setattr(mer, "ipv6_enabled", lambda: False)
     monkeypatch.setattr(mer, "run_together",
-                        lambda commands: calls.extend(argv for argv, _ in commands) or ["[]"] * len(commands))
+                        lambda commands: calls.extend(argv + [stdin or ""] for argv, stdin in commands)
+                        or ["[]\n" * max(1, (stdin or "").count("\n")) for _, stdin in commands])
     outputs = mer.read_outputs({name: name for name in ("ip", "iptables-save", "ip6tables-save")})
     assert outputs["rule6"] == outputs["route6"] == outputs["mangle6"] == ""
     assert not any("-6" in c or "ip6tables-save" in c for c in calls)
+
+
+def test_reads_sharing_their_ip_options_run_as_one_batch_split_by_line(monkeypatch):
+    calls = []
+
+    def run_together(commands):
+        calls.extend(commands)
+        return ["\n".join('[{"n": %d}]' % i for i in range(max(1, (stdin or "").count("\n")))) + "\n"
+                for _, stdin in commands]
+    monkeypatch.setattr(mer, "ipv6_enabled", lambda: True)
+    monkeypatch.setattr(mer, "run_together", run_together)
+    outputs = mer.read_outputs({name: name for name in ("ip", "iptables-save", "ip6tables-save")})
+    assert sorted(outputs) == sorted(mer.ALL_SOURCES) and "link" not in outputs
+    assert ["ip", "-j", "-4", "-batch", "-"] in [argv for argv, _ in calls]
+    assert len(calls) == 5  # addr, the -4 batch, the -6 batch, iptables-save, ip6tables-save
+    batch4 = dict((tuple(argv), stdin) for argv, stdin in calls)[("ip", "-j", "-4", "-batch", "-")]
+    assert batch4 == "rule show\nroute show table main\nroute show table all proto %d\n" % mer.RT_PROTO
+    assert (outputs["rule4"], outputs["route4"], outputs["own4"]) == ('[{"n": 0}]', '[{"n": 1}]', '[{"n": 2}]')
+
+
+def test_a_batch_printed_otherwise_has_each_read_run_alone(monkeypatch):
+    group = [(name, argv) for name, argv in mer.READ_COMMANDS if name in ("rule4", "route4")]
+    ran = []
+    monkeypatch.setattr(mer, "run", lambda argv, stdin=None: ran.append(argv) or "[%d]" % len(ran))
+    assert mer.read_split('[{"a": 1},\n {"b": 2}]\n', group, {"ip": "/sbin/ip"}) == ["[1]", "[2]"]
+    assert ran == [["/sbin/ip", "-j", "-4", "rule", "show"], ["/sbin/ip", "-j", "-4", "route", "show", "table", "main"]]
+
+
+def test_routes_read_with_their_protocol_as_filter_are_the_tools():
+    # `ip route show table all proto 231` omits the protocol it filtered on.
+    own = [{"dst": "default", "gateway": "198.51.100.1", "dev": "eth1", "table": "22001"},
+           {"dst": "198.51.100.0/24", "dev": "eth1", "table": "main"}]
+    outputs = {"addr": "[]", "rule4": "[]", "rule6": "[]", "route4": "[]", "route6": "[]",
+               "own4": mer_json(own), "own6": "[]", "mangle4": "", "mangle6": ""}
+    system = mer.parse_system(outputs, {})
+    assert system.routes == [mer.Route(4, 22001, "default", "198.51.100.1", "eth1")]
+    assert system.main_routes == []  # main's come from route4 alone: never twice
+
+
+def test_an_applied_recording_parses_the_same_read_the_new_way():
+    """route4/6 of all tables (as recorded) and main + own (as read now) give one System."""
+    name = "applied-2eni"
+    outputs = {key: recorded.read(name, filename) for key, filename in recorded.FILES.items()}
+    split = dict(outputs)
+    for family in (4, 6):
+        entries = recorded.json.loads(outputs["route%d" % family] or "[]")
+        split["route%d" % family] = mer_json([e for e in entries if e.get("table", "main") == "main"])
+        split["own%d" % family] = mer_json([{k: v for k, v in e.items() if k != "protocol"} for e in entries
+                                            if str(e.get("protocol")) == str(mer.RT_PROTO)])
+    assert mer.parse_system(split, {}).routes  # the recording has the tool's routes
+    assert mer.parse_system(split, {}) == mer.parse_system(outputs, {})
+
+
+def test_verify_after_link_group_changes_reads_the_links_with_the_addresses_read_before():
+    system = recorded.system("applied-2eni")
+    changes = mer.Changes((mer.Command("ip", None, ("link", "set", "dev", "eth1", "group", "default"), ""),), ())
+    assert mer.sources_touched(changes) == {"link"}
+    outputs = {key: recorded.read("applied-2eni", filename) for key, filename in recorded.FILES.items()}
+    links = recorded.json.loads(outputs["addr"])
+    for entry in links:
+        entry.pop("addr_info", None)
+        entry["group"] = "default"
+    relinked = mer.parse_system(dict(outputs, link=mer_json(links)), {})
+    assert [link.addresses for link in relinked.links] == [link.addresses for link in system.links]
+    assert {link.group for link in relinked.links} == {0} != {link.group for link in system.links}
+
+
+def mer_json(data):
+    return recorded.json.dumps(data)
 
 
 def test_a_link_that_is_down_is_not_routed_until_it_is_up():
