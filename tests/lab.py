@@ -1106,8 +1106,12 @@ class Watching:
             return handle.read()
 
     def close(self):
-        if self.process.poll() is None:
-            self.process.kill()
+        if self.process.poll() is None:  # SIGTERM first: the watcher's coverage data is saved as it exits
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self.process.wait()
         self.notify.close()
         shutil.rmtree(self.directory, ignore_errors=True)
