@@ -114,14 +114,15 @@ def test_iptables_save_and_restore_of_different_backends_are_refused_before_any_
 
 
 def detaching_ip(tmp_path, name):
-    """An `ip` that removes interface NAME once the first IPv4 batch is done:
-    an ENI detached in the middle of a run."""
+    """An `ip` that removes interface NAME once the first IPv4 batch of
+    changes is done (not the batched reads, which carry -j): an ENI detached
+    in the middle of a run."""
     real = shutil.which("ip")
     directory = tmp_path / "bin"
     directory.mkdir()
     wrapper = directory / "ip"
     wrapper.write_text('#!/bin/sh\n%s "$@"; rc=$?\n'
-                       'case " $* " in *" -4 -batch "*) if mkdir "%s" 2>/dev/null; then %s link del %s; fi;; esac\n'
+                       'case " $* " in *" -j "*) ;; *" -4 -batch "*) if mkdir "%s" 2>/dev/null; then %s link del %s; fi;; esac\n'
                        'exit $rc\n' % (real, tmp_path / "once", real, name))
     wrapper.chmod(0o755)
     return str(directory)
