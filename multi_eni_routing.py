@@ -3462,9 +3462,12 @@ def check_interfaces(options, system):
     return options._replace(interface=tuple(name for name in options.interface if name in names))
 
 
-def main(argv=None, fail_after=0):
+def main(argv=None, fail_after=0, exiting=False):
     """Run the tool; return its exit code. Every error is one line on stderr,
-    caught here. `fail_after` N > 0 (a test hook) fails an apply after its Nth step."""
+    caught here. `fail_after` N > 0 (a test hook) fails an apply after its Nth step.
+    `exiting`: the process ends with this code, so SIGINT and SIGTERM are ignored
+    from the moment the run is over (a stop then would only turn a completed
+    run's exit code into "killed"); otherwise their handlers are given back."""
     previous = {signum: signal.signal(signum, stop_once()) for signum in STOP_SIGNALS}
     try:
         options = parse_args(argv)
@@ -3496,7 +3499,7 @@ def main(argv=None, fail_after=0):
         return EXIT_FAILURE
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if exiting else handler)
 
 
 def restart_pending(unit):
@@ -3591,7 +3594,7 @@ def run_as_program():
     and no cycles worth collecting, so the cyclic collector would only cost time
     (~5 ms at 15x50); the test hook MULTI_ENI_ROUTING_FAIL_AFTER; a quick exit."""
     gc.disable()
-    exit_at_once(main(fail_after=int(os.environ.get("MULTI_ENI_ROUTING_FAIL_AFTER") or 0)))
+    exit_at_once(main(fail_after=int(os.environ.get("MULTI_ENI_ROUTING_FAIL_AFTER") or 0), exiting=True))
 
 
 def console_main():

@@ -6,7 +6,11 @@ cached; a module's is). -S: the tool uses the standard library only, so the
 site module (site-packages, .pth files: a third of the interpreter's start)
 is skipped; -E: PYTHON* variables do not change how it runs as root."""
 
-import sys
+import _signal  # the built-in half of `signal`, as the module's own first line
+
+_signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # SIGINT while starting: ended, nothing changed
+
+import sys  # noqa: E402
 
 # Only the tool's directory: never modules that happen to lie beside this launcher.
 sys.path[0] = "/usr/lib/multi-eni-routing"

@@ -188,3 +188,20 @@ def test_a_roll_back_that_fails_never_says_rolled_back(monkeypatch, tmp_path):
 def test_a_roll_back_that_leaves_nothing_says_so(monkeypatch, tmp_path):
     message = roll_back_message(monkeypatch, tmp_path, left_with([]), lambda programs, changes: None)
     assert message == "ip exited 2: Cannot find device; rolled back to the state before the run"
+
+
+def test_a_program_ignores_stop_signals_once_its_run_is_over():
+    """Before: main() gave SIGINT back its default action before the process
+    exited, so a SIGINT in that instant killed a run that had completed its
+    change (CI saw "flushed: 18 changes" and exit -2). A program now ignores
+    them from then on; a caller in the same process gets its handlers back."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert mer.main(["--version"], exiting=False) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert mer.main(["--version"], exiting=True) == 0
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
