@@ -3301,7 +3301,8 @@ def build_parser():
                              "done, and in its status line what is not routed and why")
     parser.add_argument("--unless-restarting", metavar="UNIT",
                         help="with --flush: flush nothing while systemd restarts UNIT (its "
-                             "ExecStopPost=), so that the next watcher takes the routing over "
+                             "ExecStopPost=): a restart job, or a crash that the unit's Restart= "
+                             "restarts, so that the next watcher takes the routing over "
                              "without a gap; only a stop removes it")
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="print the commands apply (or flush, with -f) would run, change nothing")
@@ -3472,10 +3473,11 @@ def main(argv=None, fail_after=0, exiting=False):
     try:
         options = parse_args(argv)
         setup_logging(options.verbose, options.quiet)
-        if options.unless_restarting and restart_pending(options.unless_restarting):
+        restarting = options.unless_restarting and restart_pending(options.unless_restarting)
+        if restarting:
             if not options.quiet:
-                print("not flushed: %s is restarting, its next watcher keeps the routing"
-                      % options.unless_restarting)
+                print("not flushed: %s %s, its next watcher keeps the routing"
+                      % (options.unless_restarting, restarting))
             return EXIT_OK
         context = make_context(options, Hooks(fail_after=fail_after))
         return watch(context) if options.watch else execute(context)
@@ -3502,20 +3504,62 @@ def main(argv=None, fail_after=0, exiting=False):
             signal.signal(signum, signal.SIG_IGN if exiting else handler)
 
 
-def restart_pending(unit):
-    """Whether systemd has a restart job for UNIT (systemctl restart, try-restart,
-    a package upgrade); False when it cannot tell, so that a stop flushes."""
+def restart_pending(unit, environ=None):
+    """Why systemd starts UNIT again right after this stop ("" when it does not
+    or cannot tell, so that a stop flushes): a restart job (systemctl restart,
+    try-restart, a package upgrade), or a failure of the watcher that the
+    unit's Restart= policy restarts (systemd tells ExecStopPost= how the
+    service ended in SERVICE_RESULT and EXIT_STATUS), so that a crash does not
+    take the routing away for RestartSec=. A queued stop job always flushes."""
+    environ = os.environ if environ is None else environ
     systemctl = which("systemctl")
     if not systemctl:
-        return False
+        return ""
     try:
         jobs = run([systemctl, "list-jobs", "--no-legend", "--no-pager", "--full", "--", unit])
     except ToolError as exc:
         log.warning("cannot ask systemd for the jobs of %s (%s): flushing", unit, exc)
-        return False
+        return ""
     # lines: JOB UNIT TYPE STATE
-    return any(fields[1:3] in ([unit, "restart"], [unit, "try-restart"])
-               for fields in (line.split() for line in jobs.splitlines()))
+    types = {fields[2] for fields in (line.split() for line in jobs.splitlines())
+             if len(fields) > 2 and fields[1] == unit}
+    if types & {"restart", "try-restart"}:
+        return "is restarting"
+    result = environ.get("SERVICE_RESULT", "success")
+    if "stop" in types or result == "success":
+        return ""
+    try:
+        policy = dict(line.split("=", 1) for line in run(
+            [systemctl, "show", "--property", "Restart", "--property", "RestartPreventExitStatus",
+             "--", unit]).splitlines() if "=" in line)
+    except ToolError as exc:
+        log.warning("cannot ask systemd how %s restarts (%s): flushing", unit, exc)
+        return ""
+    return "ended (%s) and is restarted" % result \
+        if restarts_after(policy, result, environ.get("EXIT_STATUS", "")) else ""
+
+
+# Which service results each Restart= setting restarts (systemd.service(5),
+# "Table 2"); a clean exit ("success") is never taken for a crash here.
+RESTARTED_RESULTS = {
+    "always": {"exit-code", "signal", "core-dump", "watchdog", "timeout"},
+    "on-failure": {"exit-code", "signal", "core-dump", "watchdog", "timeout"},
+    "on-abnormal": {"signal", "core-dump", "watchdog", "timeout"},
+    "on-abort": {"signal", "core-dump"},
+    "on-watchdog": {"watchdog"},
+}
+
+
+def restarts_after(policy, result, status):
+    """Whether systemd restarts a service with POLICY (its Restart= and
+    RestartPreventExitStatus= as `systemctl show` prints them) after it ended
+    with RESULT and EXIT_STATUS (a number, or a signal's name without SIG)."""
+    if result not in RESTARTED_RESULTS.get(policy.get("Restart", "no"), ()):
+        return False
+    def plain(word):  # "2", "KILL" ("SIGKILL" as some versions print it)
+        word = word.upper()
+        return word[3:] if word.startswith("SIG") else word
+    return plain(status) not in {plain(word) for word in policy.get("RestartPreventExitStatus", "").split()}
 
 
 def stop_once():

@@ -16,8 +16,8 @@ file order on one machine:
 - `systemctl restart`, `try-restart` (the RPM's upgrade on older systemd),
   the marked reload-or-restart of systemd-update-helper (its upgrade on
   systemd 248 and later), `systemctl reload` (which reads a changed options
-  file) and the SysV script's restart lose none; `systemctl stop` removes
-  the routing;
+  file), the SysV script's restart and a crash of the watcher that systemd
+  restarts (kill -9) lose none; `systemctl stop` removes the routing;
 - `apt remove` stops it (routing removed) and keeps a changed options file;
   `apt purge` leaves no file behind.
 """
@@ -193,6 +193,22 @@ def test_a_restart_keeps_every_address_answering(booted, what):
     assert "flushed:" not in journal
     # a new watcher, or the same one started again in place (a reload)
     assert main_pid(machine) != pid or "reloading" in journal, "%s did not restart the watcher" % what
+
+
+def test_a_crashed_watcher_restarted_by_systemd_keeps_every_address_answering(booted):
+    """kill -9 of the watcher (the OOM killer, a bug): systemd runs
+    ExecStopPost=, then starts it again after RestartSec=5. Before, that
+    flush took every secondary address away for those 5 s."""
+    machine, lab, _, _, _ = booted
+    pid = main_pid(machine)
+    since = machine.sh("sleep 1; date +%s").stdout.strip()
+    with watched(lab) as watch:
+        machine.sh("systemctl kill -s KILL --kill-who=main %s" % UNIT)
+        wait_for(lambda: main_pid(machine) not in (pid, "0") and active(machine) == "active"
+                 and all_answer(lab), 30, "the watcher started again by systemd")
+    watch.check("kill -9 of the watcher")
+    journal = machine.sh("journalctl -q -o cat -u %s --since @%s" % (UNIT, since)).stdout
+    assert "flushed:" not in journal, journal
 
 
 def test_systemctl_reload_reads_the_options_and_keeps_every_address_answering(booted):

@@ -29,9 +29,9 @@ def systemctl(tmp_path, monkeypatch):
     script = tmp_path / "systemctl"
     monkeypatch.setenv("PATH", str(tmp_path))
 
-    def configure(jobs, code=0):
-        script.write_text("#!/bin/sh\n[ \"$1\" = list-jobs ] || exit 9\ncat <<'EOF'\n%sEOF\nexit %d\n"
-                          % (jobs, code))
+    def configure(jobs, code=0, show="Restart=on-failure\nRestartPreventExitStatus=2 4 5\n"):
+        script.write_text("#!/bin/sh\ncase $1 in\nlist-jobs) cat <<'EOF'\n%sEOF\nexit %d;;\n"
+                          "show) cat <<'EOF'\n%sEOF\n;;\n*) exit 9;;\nesac\n" % (jobs, code, show))
         script.chmod(0o755)
 
     return configure
@@ -47,12 +47,46 @@ def systemctl(tmp_path, monkeypatch):
 ])
 def test_a_restart_job_is_told_from_a_stop(systemctl, jobs, pending):
     systemctl(jobs)
-    assert mer.restart_pending(UNIT) is pending
+    assert bool(mer.restart_pending(UNIT, {})) is pending
+
+
+# (SERVICE_RESULT, EXIT_STATUS) as systemd gives them to ExecStopPost=
+@pytest.mark.parametrize("result, status, restarted", [
+    ("signal", "KILL", True),  # kill -9, the OOM killer
+    ("core-dump", "SEGV", True),
+    ("exit-code", "1", True),  # a crash caught by main(): one line, exit 1
+    ("watchdog", "ABRT", True),
+    ("exit-code", "2", False),  # bad usage: RestartPreventExitStatus, flushed
+    ("exit-code", "5", False),
+    ("success", "0", False),  # systemctl stop: the watcher exits 0 on SIGTERM
+])
+def test_a_crash_that_the_unit_restarts_keeps_the_routing(systemctl, result, status, restarted):
+    """Before: every stop that was not a restart job flushed, so a crash left
+    every secondary address unanswered until systemd had started the watcher
+    again (RestartSec=5)."""
+    systemctl("")
+    pending = mer.restart_pending(UNIT, {"SERVICE_RESULT": result, "EXIT_CODE": "x", "EXIT_STATUS": status})
+    assert bool(pending) is restarted, pending
+
+
+@pytest.mark.parametrize("show, result, status", [
+    ("Restart=no\n", "signal", "KILL"),
+    ("Restart=on-abort\nRestartPreventExitStatus=\n", "exit-code", "1"),
+    ("Restart=on-failure\nRestartPreventExitStatus=SIGKILL 2\n", "signal", "KILL"),
+])
+def test_a_crash_that_the_unit_does_not_restart_flushes(systemctl, show, result, status):
+    systemctl("", show=show)
+    assert mer.restart_pending(UNIT, {"SERVICE_RESULT": result, "EXIT_STATUS": status}) == ""
+
+
+def test_a_stop_job_flushes_even_after_a_crash(systemctl):
+    systemctl("123 %s stop running\n" % UNIT)
+    assert mer.restart_pending(UNIT, {"SERVICE_RESULT": "signal", "EXIT_STATUS": "KILL"}) == ""
 
 
 def test_when_systemd_cannot_be_asked_it_flushes(systemctl, capsys):
     systemctl("123 %s restart running\n" % UNIT, code=1)
-    assert mer.restart_pending(UNIT) is False
+    assert mer.restart_pending(UNIT, {"SERVICE_RESULT": "signal", "EXIT_STATUS": "KILL"}) == ""
     assert "flushing" in capsys.readouterr().err
 
 
@@ -60,7 +94,7 @@ def test_without_systemctl_it_flushes(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     if mer.which("systemctl"):
         pytest.skip("systemctl is in /usr/sbin or /sbin here")
-    assert mer.restart_pending(UNIT) is False
+    assert mer.restart_pending(UNIT, {"SERVICE_RESULT": "signal", "EXIT_STATUS": "KILL"}) == ""
 
 
 def test_the_flush_is_skipped_only_while_restarting(systemctl, monkeypatch, capsys):
