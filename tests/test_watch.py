@@ -352,6 +352,12 @@ def tcp_of(lab, addresses):
     return {address: lab.tcp_ok(lab.client, address, timeout=1) for address in addresses}
 
 
+# The bound of tests that are about what is healed, not how fast: generous,
+# since a slow chroot under load is not a failure of theirs (the tests named
+# "within 3 s" keep their 3 s).
+HEALED = 10.0
+
+
 def healed_within(lab, applied, addresses, timeout, what, ignore=None):
     """Seconds until the routing is again exactly `applied`; then every address answers."""
     took = wait_for(lambda: routing(lab, ignore) == applied, timeout, what=what)
@@ -577,7 +583,7 @@ def test_with_i_a_named_eni_gone_it_heals_every_other_and_says_so(make_lab, watc
     applied = routing(lab)
     assert table_lines(lab, 22002) == []
     DELETIONS["rules4"](lab)  # eth1's rules
-    healed_within(lab, applied, lab.enis[1].addresses4, 3.0, "eth1's rules back")
+    healed_within(lab, applied, lab.enis[1].addresses4, HEALED, "eth1's rules back")
     status = lab.run_tool("--status", *named)
     assert status.rc == 0, status
     assert "not routed: eth2: named with -i, no such interface" in status.stdout.splitlines()
@@ -842,7 +848,7 @@ def test_a_converge_waits_for_a_one_off_run_holding_the_lock(make_lab, watching)
         wait_for(lambda: "converge soon" in watcher.output(), 5, what="the deletion seen")
         assert watcher.statuses_during(1.5) == []  # waiting for the lock: no converge
         assert routing(lab) != applied
-    healed_within(lab, applied, lab.enis[1].addresses4, 3.0, "routing back once the lock is free")
+    healed_within(lab, applied, lab.enis[1].addresses4, HEALED, "routing back once the lock is free")
 
 
 def test_a_stop_while_waiting_for_the_lock_ends_it_within_5_s(make_lab, watching):
@@ -880,8 +886,8 @@ def test_a_failing_apply_is_retried_with_backoff_and_ready_is_sent_all_the_same(
     first = watcher.wait_message("STATUS=")
     assert first.startswith("STATUS=apply failed: ") and first.endswith("; retrying in 1 s")
     assert watcher.wait_message("READY=1")
-    assert watcher.wait_message("STATUS=", timeout=5).endswith("retrying in 2 s")
-    assert watcher.wait_message("STATUS=", timeout=5).endswith("retrying in 4 s")
+    assert watcher.wait_message("STATUS=", timeout=10).endswith("retrying in 2 s")
+    assert watcher.wait_message("STATUS=", timeout=10).endswith("retrying in 4 s")
     assert watcher.process.poll() is None
     assert "Traceback" not in watcher.output()
 
@@ -898,7 +904,7 @@ def test_a_netlink_overrun_gives_a_full_converge(make_lab, watching):
         DELETIONS["rules4"](lab)
     finally:
         os.kill(watcher.process.pid, signal.SIGCONT)
-    healed_within(lab, applied, lab.enis[1].addresses4, 3.0, "routing back after an overrun",
+    healed_within(lab, applied, lab.enis[1].addresses4, HEALED, "routing back after an overrun",
                   ignore="flood0")  # its addresses' local routes
     assert "netlink overrun" in watcher.output()
 
@@ -918,7 +924,7 @@ def test_as_a_daemon_it_detaches_writes_its_pid_file_and_watches(make_lab):
         assert os.path.samestat(os.stat("/proc/%d/cwd" % daemon_pid), os.stat("/proc/%d/root" % daemon_pid))
         applied = routing(lab)
         DELETIONS["rules4"](lab)
-        healed_within(lab, applied, lab.enis[1].addresses4, 3.0, "routing back, by the daemon")
+        healed_within(lab, applied, lab.enis[1].addresses4, HEALED, "routing back, by the daemon")
         os.kill(daemon_pid, signal.SIGTERM)
         wait_for(lambda: not os.path.exists("/proc/%d" % daemon_pid), 5, what="the daemon gone")
         assert not os.path.exists(pidfile)
