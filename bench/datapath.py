@@ -22,14 +22,25 @@ in each of these arms, the same routing (the tool's rules and routes) in all:
   none     no mangle rule of the tool's at all
   old      the layout before issue 16 (every packet jumps into the per-ENI
            chain; `--no-old` leaves this arm out)
-  floor    two rules in mangle PREROUTING that match nothing (the number the
-           tool's layout makes a packet of a known connection meet there):
-           what any two rules cost, whatever they do (`--no-floor`: left out)
+  floor    two rules in mangle PREROUTING that match nothing, one match
+           each: what a packet of a known connection meets of the tool's
+           (two rules, turned away by the first match of each), whatever the
+           rules do (`--no-floor`: left out)
+  hooks    the built-in chains the tool's rules live in (mangle PREROUTING
+           and OUTPUT), empty: what the chains alone cost (`--no-floor`: left
+           out too)
 
 Conntrack is in use in every arm, as on any host with Docker or a stateful
 firewall: a filter rule `-A INPUT -m conntrack --ctstate INVALID -j DROP` is
-in place throughout (and the bench checks that connections are tracked). The
-arms are switched by replacing the mangle table whole (iptables-restore); a
+in place throughout (and the bench checks that connections are tracked). With
+iptables-nft every built-in chain that exists is a netfilter hook every packet
+passes, empty or not, and a chain exists once a rule or a declaration (`:INPUT
+ACCEPT`, as iptables-save prints for all five) made it; so an arm is switched
+by deleting the mangle table (`nft delete table`) and restoring only its rules,
+without declaring the built-in chains: each arm has the chains its rules use,
+as the tool leaves them ("none": no mangle table at all, as on an instance
+before the tool). With iptables-legacy (or without nft) the table is replaced
+whole instead (legacy's mangle table hooks all five chains anyway). A
 round measures each figure in every arm back to back, in an order that rotates
 round by round; each figure is the median over the
 rounds; the ratios (chains / none, old / none) are given both of those
@@ -43,6 +54,7 @@ ENI), >= 0.99 for TCP. `--check` exits 1 when one is missed.
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -62,6 +74,8 @@ CHAIN = "MULTI-ENI-PREROUTING"
 # Two rules every packet evaluates and none matches (no such connection mark):
 # the tool's layout makes a packet of a known connection meet two in PREROUTING.
 INERT = ["-A PREROUTING -m connmark --mark 0x1234/0xffff", "-A PREROUTING -m connmark --mark 0x1235/0xffff"]
+HOOKS = [":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]  # the built-in chains the tool's rules use
+BUILT_IN = (":PREROUTING ", ":INPUT ", ":FORWARD ", ":OUTPUT ", ":POSTROUTING ")  # declarations
 EMPTY_MANGLE = ["*mangle", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
                 ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]"]
 
@@ -72,7 +86,8 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=7, help="rounds, each arm once per round (default 7, >= 5)")
     parser.add_argument("--seconds", type=int, default=3, help="seconds per iperf3 run (default 3)")
     parser.add_argument("--no-old", action="store_true", help="leave out the arm with the layout before issue 16")
-    parser.add_argument("--no-floor", action="store_true", help="leave out the arm with two rules that match nothing")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="leave out the arms with two rules that match nothing and with empty chains")
     parser.add_argument("--json", metavar="FILE", help="also write every sample and the ratios to FILE")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -104,6 +119,8 @@ class Bench:
         self.servers = []
         self.targets = {"first": lab.enis[0].addresses4[0], "last": lab.enis[-1].addresses4[0]}
         self.arms = {}
+        self.nft = False
+        self.hooks = {}  # arm: the mangle chains that are hooks in it
 
     def prepare(self):
         lab = self.lab
@@ -111,11 +128,17 @@ class Bench:
         applied(lab)
         tool = lab.run(lab.instance, "iptables-save", "-t", "mangle").stdout
         assert "multi-eni-routing" in tool, "the tool applied no mangle rules"
+        self.nft = "nf_tables" in lab.run(lab.instance, "iptables", "--version").stdout and bool(shutil.which("nft"))
         self.arms = {"chains": tool, "none": "\n".join(EMPTY_MANGLE + ["COMMIT", ""])}
         if not self.args.no_old:
             self.arms["old"] = "\n".join(old_mangle(lab.enis))
         if not self.args.no_floor:
             self.arms["floor"] = "\n".join(EMPTY_MANGLE + INERT + ["COMMIT", ""])
+            self.arms["hooks"] = "\n".join(EMPTY_MANGLE + ["COMMIT", ""])
+        if self.nft:  # only the rules (and the built-in chains they use)
+            self.arms = {arm: "\n".join(line for line in text.splitlines() if not line.startswith(BUILT_IN))
+                         for arm, text in self.arms.items()}
+            self.arms["hooks"] = "\n".join(["*mangle"] + HOOKS + ["COMMIT", ""])
         for name, address in self.targets.items():
             self.servers.append(subprocess.Popen(
                 ["ip", "netns", "exec", lab.instance, "iperf3", "-s", "-B", address, "-p",
@@ -129,8 +152,22 @@ class Bench:
         return bool(out.strip())
 
     def switch(self, arm):
-        """Replace the instance's mangle table by the arm's, whole."""
-        self.lab.run(self.lab.instance, "iptables-restore", "-T", "mangle", input=self.arms[arm])
+        """Replace the instance's mangle table by the arm's: with nft, delete the
+        table and add the arm's rules (and only the built-in chains they use);
+        else replace the table whole."""
+        lab = self.lab
+        if self.nft:
+            lab.run(lab.instance, "nft", "delete", "table", "ip", "mangle", check=False)
+            lab.run(lab.instance, "iptables-restore", "--noflush", input=self.arms[arm])
+        else:
+            lab.run(lab.instance, "iptables-restore", "-T", "mangle", input=self.arms[arm])
+
+    def hooked(self):
+        """The mangle chains that are netfilter hooks now (nft's base chains)."""
+        if not self.nft:
+            return ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"]  # legacy: the table hooks all
+        out = self.lab.run(self.lab.instance, "nft", "list", "table", "ip", "mangle", check=False).stdout
+        return re.findall(r"chain (\S+) \{\s*type \S+ hook", out)
 
     def iperf(self, target, *options):
         """iperf3's JSON result of one run from the client to TARGET."""
@@ -187,6 +224,9 @@ class Bench:
     def run(self):
         samples = {arm: {"%s (%s)" % (f, kind): [] for f in TARGETS for kind in ("cpu", "wall")}
                    for arm in self.arms}
+        for arm in self.arms:
+            self.switch(arm)
+            self.hooks[arm] = self.hooked()
         for number in range(self.args.rounds):
             started = time.monotonic()
             self.round(number, samples)
@@ -204,7 +244,7 @@ class Bench:
             server.wait(timeout=10)
 
 
-def report(samples, args):
+def report(samples, args, hooks):
     """The medians and ratios as a table; the data for --json. Two ratios per
     figure: of the medians, and the median of the rounds' own ratios (each
     round's arms ran back to back) with its quartiles. The targets are checked
@@ -225,7 +265,9 @@ def report(samples, args):
              "chains: of the medians / median of the rounds' ratios [its quartiles]."
              % (args.enis, args.rounds, args.seconds),
              "pps: 64-byte UDP, thousands; tcp: Gbit/s; (cpu) = per CPU-second of the sender (pps) "
-             "or of both ends (tcp), (wall) = per second", ""]
+             "or of both ends (tcp), (wall) = per second",
+             "mangle chains hooked: " + "; ".join("%s: %s" % (arm, " ".join(chains) or "none")
+                                                  for arm, chains in hooks.items()), ""]
     lines.append("| figure | " + " | ".join(medians) + " | " + " | ".join("%s/none" % a for a in others)
                  + " | target |")
     lines.append("|" + " --- |" * (2 + len(medians) + len(others)))
@@ -243,7 +285,7 @@ def report(samples, args):
               + ("all met" if not missed else "missed: " + ", ".join(missed))]
     return "\n".join(lines), {"medians": medians, "ratios": ratios, "round_ratios": paired,
                               "round_ratio_quartiles": spread, "samples": samples,
-                              "targets": TARGETS, "missed": missed,
+                              "targets": TARGETS, "missed": missed, "hooks": hooks,
                               "settings": {"enis": args.enis, "rounds": args.rounds, "seconds": args.seconds}}
 
 
@@ -262,7 +304,7 @@ def main(argv=None):
             samples = bench.run()
         finally:
             bench.close()
-    text, data = report(samples, args)
+    text, data = report(samples, args, bench.hooks)
     print(text)
     if args.json:
         with open(args.json, "w") as handle:
