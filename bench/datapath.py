@@ -35,6 +35,10 @@ in each of these arms, the same routing (the tool's rules and routes) in all:
   hooks    the built-in chains the tool's rules live in (mangle PREROUTING
            and OUTPUT), empty: what the chains alone cost (`--no-floor`: left
            out too)
+  native   (nft only) the tool's rules as native nftables rules in a table
+           of their own, the same tests in the same order and hooks: what
+           they would cost without iptables-nft's xt calls (`--no-floor`:
+           left out too)
 
 Conntrack is in use in every arm, as on any host with Docker or a stateful
 firewall: a filter rule `-A INPUT -m conntrack --ctstate INVALID -j DROP` is
@@ -81,6 +85,7 @@ from lab import Lab, applied, eventually  # noqa: E402
 
 IPERF_PORTS = {"first": 5201, "last": 5202}
 TARGETS = {"pps first": 0.98, "pps last": 0.98, "tcp": 0.99}  # chains/none, checked per CPU-second
+NATIVE_TABLE = "multi-eni-native"  # the native arm's table
 SETTLE = 0.1  # seconds after switching arms before a slice starts (the old table's rules are gone)
 OLD_MASK = 0x3F00  # the layout before issue 16 used the default mask
 CONNTRACK_RULE = "-A INPUT -m conntrack --ctstate INVALID -j DROP"
@@ -130,7 +135,7 @@ def parse_args(argv):
     parser.add_argument("--slice", type=float, default=0.5, help="seconds per slice (default 0.5)")
     parser.add_argument("--no-old", action="store_true", help="leave out the arm with the layout before issue 16")
     parser.add_argument("--no-floor", action="store_true",
-                        help="leave out the arms with two rules that match nothing and with empty chains")
+                        help="leave out the arms floor, hooks and native")
     parser.add_argument("--json", metavar="FILE", help="also write every sample and the ratios to FILE")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -152,6 +157,22 @@ def old_mangle(enis):
     ] + ["-A %s -i %s -m conntrack --ctdir ORIGINAL -m connmark --mark 0x0/%s -j CONNMARK --set-xmark %#x/%s"
          % (CHAIN, eni.name, mask, (slot + 1) << 8, mask) for slot, eni in enumerate(enis)
          ] + ["-A %s %s" % (CHAIN, restore), "COMMIT", ""]
+
+
+def native_rules(enis):
+    """The tool's rules for ENIS as native nftables rules (nft -f input): the
+    same tests in the same order, at mangle's priority in the same hooks."""
+    mask, keep = OLD_MASK, 0xFFFFFFFF ^ OLD_MASK
+    restore = ("ct direction reply ct mark and {m:#x} != 0x0 ct mark and {m:#x} != {m:#x} meta mark 0x0 "
+               "meta mark set ct mark and {m:#x}".format(m=mask))
+    marking = ['iifname "%s" ct mark set ct mark and %#x or %#x return' % (eni.name, keep, (slot + 1) << 8)
+               for slot, eni in enumerate(enis)] + ["ct mark set ct mark or %#x" % mask]
+    return "\n".join(
+        ["table ip %s {" % NATIVE_TABLE,
+         "  chain prerouting {", "    type filter hook prerouting priority mangle; policy accept;",
+         "    " + restore, "    ct mark and %#x == 0x0 ct direction original jump first" % mask, "  }",
+         "  chain output {", "    type route hook output priority mangle; policy accept;", "    " + restore, "  }",
+         "  chain first {"] + ["    " + rule for rule in marking] + ["  }", "}", ""])
 
 
 def marker_first(text):
@@ -197,6 +218,8 @@ class Bench:
             self.arms = {arm: "\n".join(line for line in text.splitlines() if not line.startswith(BUILT_IN))
                          for arm, text in self.arms.items()}
             self.arms["hooks"] = "\n".join(["*mangle"] + HOOKS + ["COMMIT", ""])
+            if not self.args.no_floor:
+                self.arms["native"] = native_rules(lab.enis)
         for name, address in self.targets.items():
             self.servers.append(subprocess.Popen(
                 ["ip", "netns", "exec", lab.instance, "iperf3", "-s", "-B", address, "-p",
@@ -215,8 +238,12 @@ class Bench:
         else replace the table whole."""
         lab = self.lab
         if self.nft:
-            lab.run(lab.instance, "nft", "delete", "table", "ip", "mangle", check=False)
-            lab.run(lab.instance, "iptables-restore", "--noflush", input=self.arms[arm])
+            for table in ("mangle", NATIVE_TABLE):
+                lab.run(lab.instance, "nft", "delete", "table", "ip", table, check=False)
+            if arm == "native":
+                lab.run(lab.instance, "nft", "-f", "-", input=self.arms[arm])
+            else:
+                lab.run(lab.instance, "iptables-restore", "--noflush", input=self.arms[arm])
         else:
             lab.run(lab.instance, "iptables-restore", "-T", "mangle", input=self.arms[arm])
 
@@ -224,7 +251,8 @@ class Bench:
         """The mangle chains that are netfilter hooks now (nft's base chains)."""
         if not self.nft:
             return ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"]  # legacy: the table hooks all
-        out = self.lab.run(self.lab.instance, "nft", "list", "table", "ip", "mangle", check=False).stdout
+        out = "".join(self.lab.run(self.lab.instance, "nft", "list", "table", "ip", table, check=False).stdout
+                      for table in ("mangle", NATIVE_TABLE))
         return re.findall(r"chain (\S+) \{\s*type \S+ hook", out)
 
     def start_client(self, target, *options):
