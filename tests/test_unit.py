@@ -384,7 +384,8 @@ def test_the_rules_with_the_marker_first_are_replaced_in_one_batch():
                      + ["COMMIT"])
     assert mer.parse_mangle(text) == older
     lines = mer.mangle_commands(desired, older)
-    assert sorted(line.split(" ")[0] for line in lines if not line.startswith("-A ")) == ["-D"] * 3 + ["-F"] + ["-I"] * 3
+    verbs = sorted(line.split(" ")[0] for line in lines if not line.startswith("-A "))
+    assert verbs == ["-D"] * 3 + ["-F"] + ["-I"] * 3
     assert {line[3:] for line in lines if line.startswith("-D ")} == set(older.jumps)
     assert mer.mangle_commands(desired, desired) == []
 
