@@ -1443,13 +1443,17 @@ def plan_mangle(enis, mark_mask):
     only this host or a container started, are left alone."""
     if not enis:
         return NO_MANGLE
+    # The marker comes last: a match is evaluated per packet (with iptables-nft
+    # each of these is an xt call), and a packet a rule turns away never gets
+    # past its first one. ctdir first in the restore: it turns away every
+    # packet of the other direction at once; the mark first in the jump: it
+    # turns away every packet of a marked or seen connection.
     tag = "-m comment --comment %s" % JUMP_COMMENT
     unmarked = "-m connmark --mark 0x0/%#x" % mark_mask
-    # ctdir first: it turns away every packet of the other direction at once
-    restore = ("%s -m conntrack --ctdir REPLY -m connmark ! --mark 0x0/%#x -m connmark ! --mark %#x/%#x "
-               "-m mark --mark 0x0 -j CONNMARK --restore-mark --nfmask %#x --ctmask %#x"
-               % (tag, mark_mask, mark_mask, mark_mask, mark_mask, mark_mask))
-    first = "%s %s -m conntrack --ctdir ORIGINAL -j %s" % (tag, unmarked, CHAIN_PREROUTING)
+    restore = ("-m conntrack --ctdir REPLY -m connmark ! --mark 0x0/%#x -m connmark ! --mark %#x/%#x "
+               "-m mark --mark 0x0 %s -j CONNMARK --restore-mark --nfmask %#x --ctmask %#x"
+               % (mark_mask, mark_mask, mark_mask, tag, mark_mask, mark_mask))
+    first = "%s -m conntrack --ctdir ORIGINAL %s -j %s" % (unmarked, tag, CHAIN_PREROUTING)
     marking = ["-i %s -j CONNMARK --set-xmark %s" % (eni.name, mark_of(eni, mark_mask)) for eni in enis]
     marking.append("%s -j CONNMARK --set-xmark %#x/%#x" % (unmarked, mark_mask, mark_mask))
     # Sorted, as parse_mangle returns them, so that equal states compare equal.

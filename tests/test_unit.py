@@ -339,6 +339,14 @@ def test_mangle_in_sync_needs_nothing_and_a_duplicate_jump_is_repaired():
 # -- The data path (issue 16) and other software's marks (issue 18, item 9). ----------
 
 TAG = "-m comment --comment multi-eni-routing "
+# The rules of the layout of issue 16 as the version before this one wrote them:
+# the same matches with the marker first (a packet paid for it in every rule).
+MARKER_FIRST = (
+    "PREROUTING -m comment --comment multi-eni-routing -m conntrack --ctdir REPLY -m connmark ! --mark "
+    "0x0/0x3f00 -m connmark ! --mark 0x3f00/0x3f00 -m mark --mark 0x0 -j CONNMARK --restore-mark "
+    "--nfmask 0x3f00 --ctmask 0x3f00",
+    "PREROUTING -m comment --comment multi-eni-routing -m connmark --mark 0x0/0x3f00 -m conntrack "
+    "--ctdir ORIGINAL -j MULTI-ENI-PREROUTING")
 
 
 def hook_rules(mangle, hook):
@@ -349,17 +357,37 @@ def hook_rules(mangle, hook):
 def test_a_packet_of_a_known_connection_meets_two_rules_and_only_first_packets_the_per_eni_rules():
     mangle = mer.plan(enis_of("multi-card")).mangle[4]  # 5 ENIs
     pre, out = hook_rules(mangle, "PREROUTING"), hook_rules(mangle, "OUTPUT")
-    assert len(pre) == 2 and len(out) == 1 and all(r.startswith(TAG) for r in pre + out)
+    # the marker last, just before the target: a packet a rule turns away is
+    # turned away by the rule's first match and never pays for the marker
+    assert len(pre) == 2 and len(out) == 1 and all(r.index(TAG) + len(TAG) == r.index("-j ") for r in pre + out)
     # the per-ENI rules: only for a connection that has neither an ENI's mark nor "seen"
     into = [r for r in pre if r.endswith("-j " + mer.CHAIN_PREROUTING)]
-    assert into == [TAG + "-m connmark --mark 0x0/0x3f00 -m conntrack --ctdir ORIGINAL -j MULTI-ENI-PREROUTING"]
+    assert into == ["-m connmark --mark 0x0/0x3f00 -m conntrack --ctdir ORIGINAL " + TAG + "-j MULTI-ENI-PREROUTING"]
     assert dict(mangle.chains) == {mer.CHAIN_PREROUTING: tuple(
         ["-i eth%d -j CONNMARK --set-xmark 0x%d00/0x3f00" % (n, n + 1) for n in range(5)]
         + ["-m connmark --mark 0x0/0x3f00 -j CONNMARK --set-xmark 0x3f00/0x3f00"])}
     # the restore: replies only, an ENI's mark only (not 0, not "seen"), onto no mark only
-    restore = (TAG + "-m conntrack --ctdir REPLY -m connmark ! --mark 0x0/0x3f00 -m connmark ! --mark "
-               "0x3f00/0x3f00 -m mark --mark 0x0 -j CONNMARK --restore-mark --nfmask 0x3f00 --ctmask 0x3f00")
+    restore = ("-m conntrack --ctdir REPLY -m connmark ! --mark 0x0/0x3f00 -m connmark ! --mark 0x3f00/0x3f00 "
+               "-m mark --mark 0x0 " + TAG + "-j CONNMARK --restore-mark --nfmask 0x3f00 --ctmask 0x3f00")
     assert [r for r in pre if r not in into] == out == [restore]
+
+
+def test_the_rules_with_the_marker_first_are_replaced_in_one_batch():
+    """The version before wrote the same rules with the marker first: they are
+    the tool's (found by the marker) and an apply replaces exactly those three."""
+    enis = enis_of("xen-eth0-eth1")
+    desired = mer.plan(enis).mangle[4]
+    older = desired._replace(jumps=tuple(sorted(MARKER_FIRST + ("OUTPUT " + MARKER_FIRST[0].split(" ", 1)[1],))))
+    text = "\n".join(["*mangle", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":MULTI-ENI-PREROUTING - [0:0]"]
+                     + ["-A " + j for j in older.jumps]
+                     + ["-A MULTI-ENI-PREROUTING " + spec for spec in dict(desired.chains)[mer.CHAIN_PREROUTING]]
+                     + ["COMMIT"])
+    assert mer.parse_mangle(text) == older
+    lines = mer.mangle_commands(desired, older)
+    verbs = sorted(line.split(" ")[0] for line in lines if not line.startswith("-A "))
+    assert verbs == ["-D"] * 3 + ["-F"] + ["-I"] * 3
+    assert {line[3:] for line in lines if line.startswith("-D ")} == set(older.jumps)
+    assert mer.mangle_commands(desired, desired) == []
 
 
 def test_the_tools_rules_in_the_hooks_are_found_by_their_comment_and_no_others():
