@@ -19,7 +19,7 @@ sys.dont_write_bytecode = True
 
 # The tool's stages, in the order a run goes through them (a name the tool no
 # longer has is skipped).
-STAGES = ["parse_args", "find_programs", "take_lock", "read_outputs", "run_together", "run", "load_json",
+STAGES = ["parse_args", "find_programs", "take_lock", "read_outputs", "read_kernel", "netlink_dump", "address_entries", "run_together", "run", "load_json",
           "parse_links", "parse_rules", "parse_routes", "parse_mangle", "read_sysfs", "netns_id",
           "load_record", "live_record", "save_record", "owned_state", "desired_state", "discover_imds",
           "select_enis", "plan", "diff", "read_sysctls", "render", "apply_changes", "write_sysctls",
