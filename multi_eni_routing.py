@@ -394,6 +394,7 @@ NETLINK_RECEIVE = 1 << 16  # a dump's datagrams are at most 32 KiB
 DUMP_ATTEMPTS = 5
 AF_INET, AF_INET6 = 2, 10
 INET_FAMILIES = {4: AF_INET, 6: AF_INET6}
+FAMILY_NAMES = {AF_INET: "inet", AF_INET6: "inet6"}
 IFLA_GROUP = 27
 IFA_SCOPE_NAMES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
@@ -515,18 +516,31 @@ def hardware_address(data, kind):
 def address_entries(links, payloads):
     """`ip -j address show`'s entries: the links, each with its addresses in `addr_info`."""
     entries = [dict(entry, addr_info=[]) for entry in links]
-    by_index = {entry["ifindex"]: entry for entry in entries}
+    listed = {entry["ifindex"]: entry["addr_info"] for entry in entries}
     for payload in payloads:
         family, prefixlen, _, scope, index = IFADDR.unpack_from(payload)
-        entry = by_index.get(index)
-        if entry is None or family not in (AF_INET, AF_INET6):
-            continue
-        attributes = netlink_attributes(payload, IFADDR.size)
-        local = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
-        entry["addr_info"].append({"family": "inet" if family == AF_INET else "inet6",
-                                   "local": ntop(family, local), "prefixlen": prefixlen,
-                                   "scope": IFA_SCOPE_NAMES.get(scope, scope)})
+        local = local_address(payload)
+        if index in listed and family in FAMILY_NAMES and local:
+            listed[index].append({"family": FAMILY_NAMES[family], "local": ntop(family, local),
+                                  "prefixlen": prefixlen, "scope": IFA_SCOPE_NAMES.get(scope, scope)})
     return entries
+
+
+def local_address(payload):
+    """An address message's own address: IFA_LOCAL, else IFA_ADDRESS (which is
+    the peer's where both are). Not netlink_attributes(): 750 of these at
+    15x50, and IPv4's IFA_LOCAL comes second of about six."""
+    found, offset, end = None, IFADDR.size, len(payload)
+    while offset + RTATTR.size <= end:
+        length, kind = RTATTR.unpack_from(payload, offset)
+        if length < RTATTR.size or offset + length > end:
+            break
+        if kind & 0x3FFF == IFA_LOCAL:
+            return payload[offset + RTATTR.size:offset + length]
+        if kind & 0x3FFF == IFA_ADDRESS:
+            found = payload[offset + RTATTR.size:offset + length]
+        offset += (length + 3) & ~3
+    return found
 
 
 def rule_entry(family, payload):
