@@ -9,7 +9,7 @@ source is rewritten after routing (DNAT), and the sysctls that go with them.
 
 The file reads top to bottom as the data flows:
 
-    discover (read-only: ip -j, sysfs, IMDS) -> plan (pure) -> diff (pure)
+    discover (read-only: netlink, iptables-save, sysfs, IMDS) -> plan (pure) -> diff (pure)
       -> apply (one batch per tool) -> verify (re-read; roll back on failure)
 
 Everything the tool creates carries its own marker (rule and route protocol 231,
@@ -282,7 +282,7 @@ def find_programs(names):
 
 FAMILIES = (4, 6)
 
-# A network interface as `ip -j addr` shows it; `addresses` by family: its global
+# A network interface as `ip -j address` shows it; `addresses` by family: its global
 # addresses as LinkAddress.
 Link = collections.namedtuple("Link", "name index mac master up group addresses")
 LinkAddress = collections.namedtuple("LinkAddress", "ip prefixlen")  # strings as `ip` prints
