@@ -2,7 +2,9 @@
 recorded instances in tests/fixtures. No root, no network, no programs run."""
 
 import os
+import signal
 import struct
+import time
 
 import pytest
 
@@ -517,7 +519,7 @@ def test_the_kernel_is_read_in_this_process_while_the_save_programs_run(monkeypa
     assert outputs["mangle6"] == "ip6tables-save out" and outputs["rule6"] == ["rule6"]
 
 
-def test_commands_run_alongside_this_threads_work_and_its_failure_waits_for_them(tmp_path):
+def test_commands_run_alongside_this_processs_work_and_its_failure_waits_for_them(tmp_path):
     done = tmp_path / "done"
     seen = []
     assert mer.run_together([(["echo", "one"], None)], alongside=lambda: seen.append(1)) == ["one\n"]
@@ -744,6 +746,38 @@ def test_commands_run_together_report_the_first_failure_after_all_ended(tmp_path
     with pytest.raises(mer.CommandError, match="exited 3"):
         mer.run_together([(["sh", "-c", "exit 3"], None), (["sh", "-c", "sleep 0.2; touch %s" % done], None)])
     assert done.exists()
+
+
+def test_programs_are_fed_and_drained_at_once_whatever_their_size():
+    text = "".join("line %d\n" % n for n in range(200000))  # 2.3 MB: many times a pipe's buffer each way
+    assert mer.run_together([(["cat"], text), (["cat"], "small\n")]) == [text, "small\n"]
+    assert mer.run(["true"], text) == ""  # it never reads its input: done without an error
+
+
+def test_a_program_runs_with_sigpipe_as_programs_expect_and_a_killed_one_says_its_signal():
+    status = dict(line.split(":\t") for line in mer.run(["cat", "/proc/self/status"]).splitlines()
+                  if line.startswith("SigIgn"))
+    assert not int(status["SigIgn"], 16) >> (signal.SIGPIPE - 1) & 1  # Python ignores it; the child does not
+    with pytest.raises(mer.CommandError) as error:
+        mer.run(["sh", "-c", "kill -9 $$"])
+    assert error.value.returncode == -9
+
+
+def test_programs_are_killed_and_reaped_when_a_signal_handler_stops_the_wait():
+    def stop(signum, frame):
+        raise RuntimeError("stopped")
+    before = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError):
+            mer.run_together([(["sleep", "30"], None), (["cat"], None)])
+        assert time.monotonic() - started < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    with pytest.raises(ChildProcessError):  # no child left, not even a zombie
+        os.waitpid(-1, os.WNOHANG)
 
 
 def test_a_kernel_without_rule_protocols_is_refused(monkeypatch, capsys):
