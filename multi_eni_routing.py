@@ -217,7 +217,7 @@ READ_SIZE = 1 << 16
 
 
 class Running:
-    """A program started by start(): its pid, its pipes (ours ends), what
+    """A program started by start(): its pid, its pipes (our ends), what
     is still to be written to it, and what it wrote."""
 
     def __init__(self, argv, pid, stdin, stdout, stderr, data):
