@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from lab import VPN_LOCAL, inside_netns
+from lab import inside_netns
 from recorded import mer
 
 pytestmark = pytest.mark.skipif(
