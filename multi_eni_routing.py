@@ -542,8 +542,8 @@ def netlink_dump(sock, request, body):
             offset = 0
             while offset + NLMSG_HEADER.size <= len(data):
                 length, kind, flags, _, _ = NLMSG_HEADER.unpack_from(data, offset)
-                if length < NLMSG_HEADER.size:
-                    raise OSError("a netlink message of %d bytes" % length)
+                if length < NLMSG_HEADER.size or offset + length > len(data):
+                    raise OSError("a netlink message of %d bytes in %d" % (length, len(data) - offset))
                 interrupted |= bool(flags & NLM_F_DUMP_INTR)
                 payload = data[offset + NLMSG_HEADER.size:offset + length]
                 if kind == NLMSG_DONE or kind == NLMSG_ERROR:

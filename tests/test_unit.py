@@ -648,6 +648,8 @@ def test_a_dump_the_kernel_says_was_interrupted_is_read_again_and_an_error_is_ra
     with pytest.raises(OSError) as error:
         mer.netlink_dump(refused, mer.RTM_GETROUTE, b"")
     assert error.value.errno == 22
+    with pytest.raises(OSError, match="a netlink message of 40 bytes in 20"):  # cut short: never parsed
+        mer.netlink_dump(FakeNetlink(message(mer.RTM_NEWLINK, b"\0" * 24)[:20]), mer.RTM_GETLINK, b"")
 
 
 def test_routes_read_with_their_protocol_as_filter_are_the_tools():
