@@ -474,7 +474,7 @@ NLM_F_DUMP_INTR = 0x10  # the objects changed during the dump: it is read again
 SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12  # the kernel filters route dumps (4.20+)
 NETLINK_TIMEOUT = 5.0  # the kernel answers at once; never hang on it
 NETLINK_RECEIVE = 1 << 16  # a dump's datagrams are at most 32 KiB
-DUMP_ATTEMPTS = 5
+DUMP_ATTEMPTS = 5  # an interrupted dump is read again up to this often; the last one is taken
 AF_INET, AF_INET6 = 2, 10
 INET_FAMILIES = {4: AF_INET, 6: AF_INET6}
 FAMILY_NAMES = {AF_INET: "inet", AF_INET6: "inet6"}
@@ -532,7 +532,8 @@ def read_kernel(names):
 
 
 def netlink_dump(sock, request, body):
-    """The payloads of one dump; read again when the kernel says it changed meanwhile."""
+    """The payloads of one dump; read again (up to DUMP_ATTEMPTS times) when the
+    kernel says the objects changed meanwhile, as `ip` would have printed them."""
     message = NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
     for _ in range(DUMP_ATTEMPTS):
         sock.send(message)
