@@ -9,7 +9,7 @@ source is rewritten after routing (DNAT), and the sysctls that go with them.
 
 The file reads top to bottom as the data flows:
 
-    discover (read-only: ip -j, sysfs, IMDS) -> plan (pure) -> diff (pure)
+    discover (read-only: netlink, iptables-save, sysfs, IMDS) -> plan (pure) -> diff (pure)
       -> apply (one batch per tool) -> verify (re-read; roll back on failure)
 
 Everything the tool creates carries its own marker (rule and route protocol 231,
@@ -206,48 +206,138 @@ class CommandError(ToolError):
 
 
 # -- Running programs: the one place that does. ----------------------------------
+#
+# Each program is started with posix_spawn, its stdin, stdout and stderr pipes
+# served by one poll loop: several run at once without threads, and with
+# neither the subprocess module nor threading to import (a tenth of an apply's
+# own time at 15x50, where the reads and batches take a few ms each).
 
 PROGRAM_ENV = dict(os.environ, LC_ALL="C")
+READ_SIZE = 1 << 16
+
+
+class Running:
+    """A program started by start(): its pid, its pipes (our ends), what
+    is still to be written to it, and what it wrote."""
+
+    def __init__(self, argv, pid, stdin, stdout, stderr, data):
+        self.argv, self.pid, self.data, self.written = argv, pid, data, 0
+        self.fds = {stdin: "stdin", stdout: "stdout", stderr: "stderr"}
+        self.output = {"stdout": [], "stderr": []}
+        self.returncode = None
 
 
 def run(argv, stdin=None):
     """Run argv (never through a shell), return its stdout; raise CommandError,
     also when the program cannot be started at all."""
-    log.debug("run: %s", " ".join(argv))
+    return run_together([(argv, stdin)])[0]
+
+
+def run_together(commands, alongside=None):
+    """Run each (argv, stdin) at the same time, and `alongside()` meanwhile
+    in this process; their outputs in order. The first failure is raised once
+    all have ended."""
+    started, errors = [], []
     try:
-        import subprocess
-        proc = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=PROGRAM_ENV, universal_newlines=True)
-    except OSError as exc:
-        raise CommandError(argv, "127 (not started)", exc.strerror or str(exc))
-    if proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, proc.stderr)
-    return proc.stdout
-
-
-def run_together(commands):
-    """run() each (argv, stdin) at the same time; their outputs in order. The
-    first failure is raised once all have ended."""
-    outputs, errors = [None] * len(commands), []
-
-    def one(index, argv, stdin):
+        for argv, stdin in commands:
+            try:
+                started.append(start(argv, stdin))
+            except CommandError as exc:
+                errors.append(exc)
+                started.append(None)
         try:
-            outputs[index] = run(argv, stdin)
-        except CommandError as exc:
-            errors.append(exc)
-
-    import threading
-    threads = [threading.Thread(target=one, args=(index,) + tuple(command))
-               for index, command in enumerate(commands) if index]
-    for thread in threads:
-        thread.start()
-    if commands:
-        one(0, *commands[0])
-    for thread in threads:
-        thread.join()
+            if alongside:
+                alongside()
+        finally:  # its failure too is raised once the programs have ended
+            serve([running for running in started if running])
+    except BaseException:
+        stop([running for running in started if running])
+        raise
+    for running in started:
+        if running and running.returncode != 0:
+            errors.append(CommandError(running.argv, running.returncode, text_of(running.output["stderr"])))
     if errors:
         raise errors[0]
-    return outputs
+    return [text_of(running.output["stdout"]) for running in started]
+
+
+def start(argv, stdin):
+    """A Running for argv, its stdin the text given (none: empty); CommandError
+    when it cannot be started. SIGPIPE and SIGXFSZ as a program expects them
+    (Python ignores SIGPIPE); the signals the caller holds stay held."""
+    log.debug("run: %s", " ".join(argv))
+    pipes = [os.pipe() for _ in range(3)]  # close-on-exec: only the child's dup2 copies pass
+    child, ours = (pipes[0][0], pipes[1][1], pipes[2][1]), (pipes[0][1], pipes[1][0], pipes[2][0])
+    try:
+        pid = os.posix_spawnp(argv[0], argv, PROGRAM_ENV, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                              file_actions=[(os.POSIX_SPAWN_DUP2, fd, number) for number, fd in enumerate(child)])
+    except OSError as exc:
+        for fd in ours:
+            os.close(fd)
+        raise CommandError(argv, "127 (not started)", exc.strerror or str(exc))
+    finally:
+        for fd in child:
+            os.close(fd)
+    return Running(argv, pid, *ours, data=(stdin or "").encode())
+
+
+def serve(programs):
+    """Write each program's stdin, read its stdout and stderr until it closes
+    them, then wait for it: all at once."""
+    poller, owner = select.poll(), {}
+    for running in programs:
+        for fd, stream in running.fds.items():
+            owner[fd] = running
+            poller.register(fd, select.POLLOUT if stream == "stdin" else select.POLLIN)
+    while owner:
+        for fd, _ in poller.poll():
+            running = owner[fd]
+            if serve_stream(running, fd):
+                poller.unregister(fd)
+                del owner[fd]
+                os.close(fd)
+                del running.fds[fd]
+    for running in programs:
+        running.returncode = exit_code(os.waitpid(running.pid, 0)[1])
+
+
+def serve_stream(running, fd):
+    """Move one chunk through a ready pipe; whether it is done with."""
+    stream = running.fds[fd]
+    if stream != "stdin":
+        data = os.read(fd, READ_SIZE)
+        running.output[stream].append(data)
+        return not data
+    try:  # at most PIPE_BUF: a pipe that polls writable takes that much without blocking
+        running.written += os.write(fd, running.data[running.written:running.written + select.PIPE_BUF])
+    except BrokenPipeError:
+        return True  # it ended without reading all: its exit code says how it went
+    return running.written >= len(running.data)
+
+
+def stop(programs):
+    """After an exception (a stop signal in the watcher): the programs killed
+    and waited for, their pipes closed."""
+    for running in programs:
+        for fd in running.fds:
+            os.close(fd)
+        running.fds = {}
+        if running.returncode is None:
+            try:
+                os.kill(running.pid, signal.SIGKILL)
+                os.waitpid(running.pid, 0)
+            except OSError:
+                pass  # waited for already
+
+
+def exit_code(status):
+    """A wait status as subprocess gives it: the exit code, or -N for signal N."""
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+
+
+def text_of(chunks):
+    """A program's output as text (UTF-8; a byte that is not, replaced)."""
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def which(name):
@@ -275,7 +365,7 @@ def find_programs(names):
 
 FAMILIES = (4, 6)
 
-# A network interface as `ip -j addr` shows it; `addresses` by family: its global
+# A network interface as `ip -j address` shows it; `addresses` by family: its global
 # addresses as LinkAddress.
 Link = collections.namedtuple("Link", "name index mac master up group addresses")
 LinkAddress = collections.namedtuple("LinkAddress", "ip prefixlen")  # strings as `ip` prints
@@ -320,30 +410,33 @@ def rule(family, priority, table, src=None, iif=None, fwmark=None, suppress_ifgr
     return Rule(family, priority, src, iif, fwmark, table, None, suppress_ifgroup)
 
 
-# -- Discover: read-only. First the commands, then pure parsers of their output. --
+# -- Discover: read-only. First the reads, then pure parsers of what they gave. ----
 
-# What discovery reads, by name; parse_system takes the outputs under these names.
-READ_COMMANDS = (
+# What discovery reads, by name; parse_system takes the outputs under these
+# names. The kernel's objects are read through rtnetlink in this process (see
+# read_kernel below) as the entries `ip -j` prints for the command beside each
+# name: what the parsers read, and what the lab tests compare them with. The
+# mangle tables are read by their save programs.
+KERNEL_READS = (
     ("addr", ("ip", "-j", "address", "show")),
     ("rule4", ("ip", "-j", "-4", "rule", "show")),
     ("rule6", ("ip", "-j", "-6", "rule", "show")),
     ("route4", ("ip", "-j", "-4", "route", "show", "table", "main")),
     ("route6", ("ip", "-j", "-6", "route", "show", "table", "main")),
     # The tool's routes: in its tables, never in local, whose route per address
-    # (two per IPv4 address) would be most of the output at 50 addresses per ENI.
+    # (two per IPv4 address) would be most of the dump at 50 addresses per ENI.
     ("own4", ("ip", "-j", "-4", "route", "show", "table", "all", "proto", str(RT_PROTO))),
     ("own6", ("ip", "-j", "-6", "route", "show", "table", "all", "proto", str(RT_PROTO))),
-    ("mangle4", ("iptables-save", "-t", "mangle")),
-    ("mangle6", ("ip6tables-save", "-t", "mangle")),
     # The links without their addresses: what verify re-reads after changing
-    # link groups alone (addr costs twenty times as much at 50 addresses per ENI).
+    # link groups alone (the addresses are twenty times as much at 50 per ENI).
     ("link", ("ip", "-j", "link", "show")),
 )
-ALL_SOURCES = frozenset(name for name, _ in READ_COMMANDS) - {"link"}
+PROGRAM_READS = (
+    ("mangle4", ("iptables-save", "-t", "mangle")),
+    ("mangle6", ("ip6tables-save", "-t", "mangle")),
+)
+ALL_SOURCES = frozenset(name for name, _ in KERNEL_READS + PROGRAM_READS) - {"link"}
 IPV6_SOURCES = frozenset(("rule6", "route6", "own6", "mangle6"))
-# The `ip` options before the object: reads that share them run as one `ip
-# -batch` (a process costs more than the read itself; an apply reads twice).
-IP_OPTIONS = 3
 
 
 def ipv6_enabled():
@@ -352,67 +445,258 @@ def ipv6_enabled():
 
 
 def read_outputs(programs, names=ALL_SOURCES):
-    """Run the READ_COMMANDS named, all at once; their outputs by name.
-    Without IPv6 in the kernel, its sources read as empty."""
+    """Read the sources named, all at once: the save programs run while this
+    thread reads the kernel. Their outputs by name (a program's text, the
+    kernel's entries). Without IPv6 in the kernel, its sources read as empty."""
     outputs = {}
     if not ipv6_enabled():
         outputs = {name: "" for name in names & IPV6_SOURCES}
         names = names - IPV6_SOURCES
-    groups = read_groups([(name, argv) for name, argv in READ_COMMANDS if name in names])
-    commands = [read_command(programs, group) for group in groups]
-    for group, text in zip(groups, run_together(commands)):
-        outputs.update(zip([name for name, _ in group], read_split(text, group, programs)))
+    reads = [(name, [programs[argv[0]]] + list(argv[1:])) for name, argv in PROGRAM_READS if name in names]
+    kernel = [name for name, _ in KERNEL_READS if name in names]
+    texts = run_together([(argv, None) for _, argv in reads],
+                         alongside=lambda: outputs.update(read_kernel(kernel)) if kernel else None)
+    outputs.update(zip([name for name, _ in reads], texts))
     return outputs
 
 
-def read_groups(chosen):
-    """The chosen reads as groups run by one process each: `ip -j -4` reads
-    share one batch per set of options, any other read is alone."""
-    groups, batched = [], {}
-    for name, argv in chosen:
-        if argv[0] == "ip" and argv[IP_OPTIONS - 1].startswith("-"):
-            key = argv[:IP_OPTIONS]
-            if key not in batched:
-                batched[key] = []
-                groups.append(batched[key])
-            batched[key].append((name, argv))
+# The kernel's objects through rtnetlink, in this process: no `ip` to start,
+# no JSON to print and parse (at 15 ENIs x 50 addresses `ip -j address` alone
+# took longer than the rest of the read). Each dump becomes the entries `ip -j`
+# prints for the same command, with the keys the parsers read and the values
+# they make of them; two differences, both `ip`'s names for numbers: tables,
+# protocols and link groups come as numbers (`ip` prints the names of
+# /etc/iproute2/rt_tables, rt_protos and group, which the tool never writes),
+# and an interface index no link has is named "ifN" alike. The message formats
+# (NLMSG_HEADER, IFINFO, IFADDR, RTMSG) are the watcher's, further down.
+RTM_GETROUTE, RTM_GETRULE = 26, 34
+NLM_F_DUMP_INTR = 0x10  # the objects changed during the dump: it is read again
+SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12  # the kernel filters route dumps (4.20+)
+NETLINK_TIMEOUT = 5.0  # the kernel answers at once; never hang on it
+NETLINK_RECEIVE = 1 << 16  # a dump's datagrams are at most 32 KiB
+DUMP_ATTEMPTS = 5  # an interrupted dump is read again up to this often; the last one is taken
+AF_INET, AF_INET6 = 2, 10
+INET_FAMILIES = {4: AF_INET, 6: AF_INET6}
+FAMILY_NAMES = {AF_INET: "inet", AF_INET6: "inet6"}
+IFLA_GROUP = 27
+IFA_SCOPE_NAMES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
+RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
+RTN_UNICAST = 1
+RTM_F_CLONED = 0x200  # a cached route: `ip route show` leaves them out
+FRA_DST, FRA_SRC, FRA_IIFNAME, FRA_PRIORITY, FRA_FWMARK = 1, 2, 3, 6, 10
+FRA_SUPPRESS_IFGROUP, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, FRA_FWMASK = 13, 14, 15, 16
+UNSET = 0xFFFFFFFF  # a rule's suppress_* when not set; a fwmask of all bits
+RTPROT_KERNEL = 2
+# Link types whose hardware address is an IP address (tunnels), as `ip` prints it.
+ARPHRD_INET4 = (768, 776, 778)  # ipip, sit, gre
+ARPHRD_INET6 = (769, 823)  # ip6tnl, ip6gre
+U32 = struct.Struct("=I")
+
+
+def read_kernel(names):
+    """The kernel's reads named (KERNEL_READS), each as its entries; one socket
+    for all; a ToolError if the kernel does not answer."""
+    sock = netlink_socket()
+    try:
+        sock.settimeout(NETLINK_TIMEOUT)
+        try:
+            sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+        except OSError:
+            pass  # an older kernel sends every table: the entries are filtered here alike
+        sock.bind((0, 0))
+        outputs, links = {}, None
+        for name in names:
+            if links is None and name in ("addr", "link", "route4", "route6", "own4", "own6"):
+                links = link_entries(netlink_dump(sock, RTM_GETLINK, IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0)))
+            if name == "link":
+                outputs[name] = [dict(entry) for entry in links]
+            elif name == "addr":
+                outputs[name] = address_entries(links, netlink_dump(sock, RTM_GETADDR, IFADDR.pack(0, 0, 0, 0, 0)))
+            elif name.startswith("rule"):
+                family = INET_FAMILIES[int(name[-1])]
+                outputs[name] = [rule_entry(family, payload) for payload in
+                                 netlink_dump(sock, RTM_GETRULE, RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))]
+            else:
+                family = INET_FAMILIES[int(name[-1])]
+                table, protocol = (TABLE_MAIN, 0) if name.startswith("route") else (0, RT_PROTO)
+                names_of = {entry["ifindex"]: entry["ifname"] for entry in links}
+                payloads = netlink_dump(sock, RTM_GETROUTE, RTMSG.pack(family, 0, 0, 0, table, protocol, 0, 0, 0))
+                outputs[name] = [entry for entry in (route_entry(family, payload, names_of, table, protocol)
+                                                     for payload in payloads) if entry]
+        return outputs
+    except OSError as exc:
+        raise ToolError("reading the kernel's links, addresses, rules and routes (netlink) failed: %s"
+                        % (exc.strerror or exc))
+    finally:
+        sock.close()
+
+
+def netlink_dump(sock, request, body):
+    """The payloads of one dump; read again (up to DUMP_ATTEMPTS times) when the
+    kernel says the objects changed meanwhile, as `ip` would have printed them."""
+    message = NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
+    for _ in range(DUMP_ATTEMPTS):
+        sock.send(message)
+        payloads, interrupted, done = [], False, False
+        while not done:
+            data = sock.recv(NETLINK_RECEIVE)
+            offset = 0
+            while offset + NLMSG_HEADER.size <= len(data):
+                length, kind, flags, _, _ = NLMSG_HEADER.unpack_from(data, offset)
+                if length < NLMSG_HEADER.size or offset + length > len(data):
+                    raise OSError("a netlink message of %d bytes in %d" % (length, len(data) - offset))
+                interrupted |= bool(flags & NLM_F_DUMP_INTR)
+                payload = data[offset + NLMSG_HEADER.size:offset + length]
+                if kind == NLMSG_DONE or kind == NLMSG_ERROR:
+                    error = struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+                    if error < 0:
+                        raise OSError(-error, os.strerror(-error))
+                    done = True
+                    break
+                payloads.append(payload)
+                offset += (length + 3) & ~3
+        if not interrupted:
+            break
+    return payloads
+
+
+def ntop(family, data):
+    """An address as `ip` prints it (inet_ntop: canonical)."""
+    import _socket
+    return _socket.inet_ntop(family, data)
+
+
+def link_entries(payloads):
+    """`ip -j link show`'s entries: name, index, hardware address, master, UP, group."""
+    entries = []
+    for payload in payloads:
+        _, kind, index, flags, _ = IFINFO.unpack_from(payload)
+        attributes = netlink_attributes(payload, IFINFO.size)
+        entry = {"ifindex": index, "ifname": attributes[IFLA_IFNAME].rstrip(b"\0").decode("utf-8", "replace"),
+                 "flags": ["UP"] if flags & IFF_UP else []}
+        if IFLA_ADDRESS in attributes:
+            entry["address"] = hardware_address(attributes[IFLA_ADDRESS], kind)
+        if IFLA_MASTER in attributes:
+            entry["master"] = U32.unpack(attributes[IFLA_MASTER])[0]  # an index until all names are known
+        if IFLA_GROUP in attributes:
+            entry["group"] = U32.unpack(attributes[IFLA_GROUP])[0]
+        entries.append(entry)
+    names_of = {entry["ifindex"]: entry["ifname"] for entry in entries}
+    for entry in entries:
+        if "master" in entry:
+            entry["master"] = names_of.get(entry["master"], "if%d" % entry["master"])
+    return entries
+
+
+def hardware_address(data, kind):
+    """A link's address as `ip` prints it: a tunnel's as an IP address, else hex pairs."""
+    if len(data) == 4 and kind in ARPHRD_INET4:
+        return ntop(AF_INET, data)
+    if len(data) == 16 and kind in ARPHRD_INET6:
+        return ntop(AF_INET6, data)
+    return ":".join("%02x" % byte for byte in data)
+
+
+def address_entries(links, payloads):
+    """`ip -j address show`'s entries: the links, each with its addresses in `addr_info`."""
+    entries = [dict(entry, addr_info=[]) for entry in links]
+    listed = {entry["ifindex"]: entry["addr_info"] for entry in entries}
+    for payload in payloads:
+        family, prefixlen, _, scope, index = IFADDR.unpack_from(payload)
+        local = local_address(payload)
+        if index in listed and family in FAMILY_NAMES and local:
+            listed[index].append({"family": FAMILY_NAMES[family], "local": ntop(family, local),
+                                  "prefixlen": prefixlen, "scope": IFA_SCOPE_NAMES.get(scope, scope)})
+    return entries
+
+
+def local_address(payload):
+    """An address message's own address: IFA_LOCAL, else IFA_ADDRESS (which is
+    the peer's where both are). Not netlink_attributes(): 750 of these at
+    15x50, and IPv4's IFA_LOCAL comes second of about six."""
+    found, offset, end = None, IFADDR.size, len(payload)
+    while offset + RTATTR.size <= end:
+        length, kind = RTATTR.unpack_from(payload, offset)
+        if length < RTATTR.size or offset + length > end:
+            break
+        if kind & 0x3FFF == IFA_LOCAL:
+            return payload[offset + RTATTR.size:offset + length]
+        if kind & 0x3FFF == IFA_ADDRESS:
+            found = payload[offset + RTATTR.size:offset + length]
+        offset += (length + 3) & ~3
+    return found
+
+
+def rule_entry(family, payload):
+    """One entry of `ip -j rule show` (fib_rule_hdr is laid out as RTMSG)."""
+    _, dst_len, src_len, _, table, _, _, _, _ = RTMSG.unpack_from(payload)
+    attributes = netlink_attributes(payload, RTMSG.size)
+    entry = {"priority": U32.unpack(attributes[FRA_PRIORITY])[0] if FRA_PRIORITY in attributes else 0}
+    for key, kind, length in (("src", FRA_SRC, src_len), ("dst", FRA_DST, dst_len)):
+        if kind in attributes:
+            entry[key], entry[key + "len"] = ntop(family, attributes[kind]), length
+        elif length:
+            entry[key], entry[key + "len"] = "0", length
         else:
-            groups.append([(name, argv)])
-    return groups
+            entry[key] = "all"
+    protocol = attributes.get(FRA_PROTOCOL, b"\0")[0]
+    if protocol and protocol != RTPROT_KERNEL:
+        entry["protocol"] = protocol
+    if FRA_FWMARK in attributes or FRA_FWMASK in attributes:
+        entry["fwmark"] = hex_of(U32.unpack(attributes[FRA_FWMARK])[0] if FRA_FWMARK in attributes else 0)
+        mask = U32.unpack(attributes[FRA_FWMASK])[0] if FRA_FWMASK in attributes else UNSET
+        if mask != UNSET:
+            entry["fwmask"] = hex_of(mask)
+    if FRA_IIFNAME in attributes:
+        entry["iif"] = attributes[FRA_IIFNAME].rstrip(b"\0").decode("utf-8", "replace")
+    table = U32.unpack(attributes[FRA_TABLE])[0] if FRA_TABLE in attributes else table
+    if table:  # `ip` prints no table (nor what goes with it) for a goto, nop or blackhole rule
+        entry["table"] = table
+        for key, kind in (("suppress_prefixlen", FRA_SUPPRESS_PREFIXLEN), ("suppress_ifgroup", FRA_SUPPRESS_IFGROUP)):
+            value = U32.unpack(attributes[kind])[0] if kind in attributes else UNSET
+            if value != UNSET:
+                entry[key] = value
+    return entry
 
 
-def read_command(programs, group):
-    """(argv, stdin) that runs a group of reads: one alone as it is, several
-    as an `ip -batch` of their objects and verbs."""
-    argv = group[0][1]
-    if len(group) == 1:
-        return [programs[argv[0]]] + list(argv[1:]), None
-    lines = "".join(" ".join(argv[IP_OPTIONS:]) + "\n" for _, argv in group)
-    return [programs["ip"]] + list(argv[1:IP_OPTIONS]) + ["-batch", "-"], lines
+def hex_of(value):
+    """A mark as `ip` prints it (C's %#x: 0 without its 0x)."""
+    return "%#x" % value if value else "0"
 
 
-def read_split(text, group, programs):
-    """The output of each read in a group. A batch of `ip -j` prints each
-    command's JSON array on a line of its own (JSON strings hold no raw line
-    break); an `ip` that prints them otherwise has each read run alone."""
-    if len(group) == 1:
-        return [text]
-    lines = [line for line in text.split("\n") if line.strip()]
-    if len(lines) == len(group) and all(line.lstrip().startswith("[") and line.rstrip().endswith("]")
-                                        for line in lines):
-        return lines
-    log.debug("ip -batch printed %d lines for %d commands: each run alone", len(lines), len(group))
-    return [run(read_command(programs, [read])[0]) for read in group]
+def route_entry(family, payload, names_of, table=0, protocol=0):
+    """One entry of `ip -j route show [table T] [proto P]`, or None for a route
+    it leaves out (a cached one, another table's or protocol's)."""
+    _, dst_len, _, _, rtm_table, rtm_protocol, _, kind, flags = RTMSG.unpack_from(payload)
+    if flags & RTM_F_CLONED or (protocol and rtm_protocol != protocol):
+        return None
+    attributes = netlink_attributes(payload, RTMSG.size)
+    in_table = U32.unpack(attributes[RTA_TABLE])[0] if RTA_TABLE in attributes else rtm_table
+    if table and in_table != table:
+        return None
+    if RTA_DST in attributes:
+        dst = "%s/%d" % (ntop(family, attributes[RTA_DST]), dst_len)
+    else:
+        dst = "0/%d" % dst_len if dst_len else "default"
+    entry = {"dst": dst, "table": in_table, "protocol": rtm_protocol}
+    if kind != RTN_UNICAST:
+        entry["type"] = kind  # `ip` names it (blackhole, local, ...): anything but unicast
+    if RTA_OIF in attributes:
+        index = U32.unpack(attributes[RTA_OIF])[0]
+        entry["dev"] = names_of.get(index, "if%d" % index)
+    if RTA_GATEWAY in attributes:
+        entry["gateway"] = ntop(family, attributes[RTA_GATEWAY])
+    return entry
 
 
-# The READ_COMMANDS whose output a command of each kind can alter.
+# The reads whose output a command of each kind can alter.
 # (The tool's routes are all in its own tables: main's, route4/6, are never altered.)
 SOURCES_OF = {("ip", "rule"): ("rule%d",), ("ip", "route"): ("own%d",), ("ip", "address"): ("addr",),
               ("ip", "link"): ("link",), ("iptables", None): ("mangle%d",)}
 
 
 def sources_touched(changes):
-    """The READ_COMMANDS whose output the changes can alter: verify re-reads only those."""
+    """The reads whose output the changes can alter: verify re-reads only those."""
     names = set()
     for command in changes.commands:
         kind = command.words[0] if command.tool == "ip" else None
@@ -421,7 +705,7 @@ def sources_touched(changes):
 
 
 def parse_system(outputs, sysfs, ipv6=True):
-    """A System from the outputs of READ_COMMANDS (pure: testable from recordings)."""
+    """A System from the reads' outputs (pure: testable from recordings of `ip -j`)."""
     rules, routes = [], []
     for family in FAMILIES:
         rules += parse_rules(load_json(outputs["rule%d" % family], "ip -%d rule" % family), family)
@@ -443,7 +727,10 @@ def parse_system(outputs, sysfs, ipv6=True):
 
 
 def load_json(text, what):
-    """Parse a program's JSON output, as a ToolError when it is not JSON."""
+    """Parse a program's JSON output, as a ToolError when it is not JSON; the
+    kernel's entries (read_kernel's, already parsed) as they are."""
+    if isinstance(text, list):
+        return text
     try:
         import json
         return json.loads(text or "[]")
@@ -565,10 +852,9 @@ def parse_mangle(text):
     return Mangle(tuple(sorted(jumps)), tuple(sorted((name, tuple(specs)) for name, specs in chains.items())))
 
 
-def read_links(programs):
+def read_links():
     """The links alone (what IMDS is asked about, before the lock is taken)."""
-    argv = dict(READ_COMMANDS)["addr"]
-    return parse_links(load_json(run([programs[argv[0]]] + list(argv[1:])), "ip address"))
+    return parse_links(read_kernel(["link"])["link"])
 
 
 def is_tool_rule(words, ours):
@@ -1972,8 +2258,8 @@ class stop_signals_held:  # noqa: N801 (a context manager, used like a function)
         self.then = then
 
     def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
+        threading = sys.modules.get("threading")  # none imported: no thread was started, this is the main one
+        if threading is None or threading.current_thread() is threading.main_thread():
             self.held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         else:
             self.held = None
@@ -2054,7 +2340,7 @@ def read_only(options):
 
 
 def read_system(programs, sources=ALL_SOURCES, earlier=None):
-    """(outputs, System): the READ_COMMANDS named in `sources` run now, the
+    """(outputs, System): the reads named in `sources` made now, the
     others' outputs taken from `earlier` (a verify re-reads only what it touched)."""
     outputs = dict(earlier or {})
     outputs.update(read_outputs(programs, sources))
@@ -2141,7 +2427,7 @@ def converge(context, imds_source=None):
 
 def ask_imds(context):
     """IMDS's answer for a one-off run (the links it should list read first)."""
-    return discover_imds(context.options, read_links(context.programs), read_sysfs())
+    return discover_imds(context.options, read_links(), read_sysfs())
 
 
 def not_routed(named, system, imds, enis, excluded=()):
@@ -2671,30 +2957,22 @@ class NetlinkWatch:
 
 def netlink_socket():
     """A route netlink socket, not bound yet."""
-    import socket  # here: one-off runs do without its import time
-    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    import _socket  # the built-in half of `socket`: the rest (its enums) costs more than a dump
+    return _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_ROUTE)
 
 
 def dump(request):
     """The Events of a netlink dump (RTM_GETLINK, RTM_GETADDR), on a socket of its own."""
-    import socket
     sock = netlink_socket()
     try:
-        sock.settimeout(5)  # the kernel answers at once; never hang on it
+        sock.settimeout(NETLINK_TIMEOUT)
         sock.bind((0, 0))
-        body = struct.pack("=B3x", socket.AF_UNSPEC) + (b"\0" * 12 if request == RTM_GETLINK else b"\0" * 4)
-        sock.send(NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-                  + body)
-        events = []
-        while True:
-            for kind, payload in netlink_messages(sock.recv(65536)):
-                if kind == NLMSG_DONE:
-                    return events
-                if kind == NLMSG_ERROR:
-                    raise OSError("netlink dump refused")
-                event = parse_event(kind, payload)
-                if event:
-                    events.append(event)
+        if request == RTM_GETLINK:
+            kind, body = RTM_NEWLINK, IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0)
+        else:
+            kind, body = RTM_NEWADDR, IFADDR.pack(AF_UNSPEC, 0, 0, 0, 0)
+        return [event for event in (parse_event(kind, payload) for payload in netlink_dump(sock, request, body))
+                if event]
     finally:
         sock.close()
 
@@ -2848,7 +3126,7 @@ class Watcher:
         if self.discovered_at is not None and now - self.discovered_at >= IMDS_REDISCOVER:
             self.rediscover = True
         if self.rediscover:
-            links = read_links(context.programs)
+            links = read_links()
             self.imds = discover_imds(context.options, links, read_sysfs(), self.session)
             self.discovered_at, self.rediscover = now, False
             self.macs_seen = {link.mac for link in links if link.mac}

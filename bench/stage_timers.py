@@ -4,7 +4,8 @@ python3 stage_timers.py TOOL OUT_JSON ARGS...
 Not an edit of the tool: it compiles TOOL as `python TOOL` would, then wraps
 the module-level functions named in STAGES (and Run's methods) with timers,
 calls main(ARGS) and writes to OUT_JSON the compile, module-body and main
-times, each stage's calls and milliseconds, and every command run() ran.
+times, each stage's calls and milliseconds, and every command run_together()
+ran, with the time of the group it ran in (the programs of a group run at once).
 bench.py --profile uses it at the largest size.
 """
 
@@ -19,7 +20,8 @@ sys.dont_write_bytecode = True
 
 # The tool's stages, in the order a run goes through them (a name the tool no
 # longer has is skipped).
-STAGES = ["parse_args", "find_programs", "take_lock", "read_outputs", "run_together", "run", "load_json",
+STAGES = ["parse_args", "find_programs", "take_lock", "read_outputs", "read_kernel", "netlink_dump", "address_entries",
+          "run_together", "run", "start", "serve", "load_json",
           "parse_links", "parse_rules", "parse_routes", "parse_mangle", "read_sysfs", "netns_id",
           "load_record", "live_record", "save_record", "owned_state", "desired_state", "discover_imds",
           "select_enis", "plan", "diff", "read_sysctls", "render", "apply_changes", "write_sysctls",
@@ -48,7 +50,7 @@ def describe(argv):
 
 
 def wrap(owner, name, label):
-    """Replace owner.name with a timer around it; run() also logs its command."""
+    """Replace owner.name with a timer around it; run_together() also logs its commands."""
     original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
@@ -60,8 +62,8 @@ def wrap(owner, name, label):
             entry = stats.setdefault(label, [0, 0.0])
             entry[0] += 1
             entry[1] += took
-            if name == "run":
-                calls.append([describe(args[0]), took * 1000])
+            if name == "run_together":  # each command with the time of its whole group
+                calls.extend([describe(argv), took * 1000] for argv, _ in args[0])
     setattr(owner, name, wrapper)
 
 

@@ -2,6 +2,9 @@
 recorded instances in tests/fixtures. No root, no network, no programs run."""
 
 import os
+import signal
+import struct
+import time
 
 import pytest
 
@@ -513,41 +516,168 @@ def test_kernel_without_ipv6_is_given_no_ipv6_addresses():
     assert any(v6(e).added for e in mer.select_enis(system._replace(ipv6=True), imds))
 
 
-def test_ipv6_sources_read_as_empty_when_the_kernel_has_no_ipv6(monkeypatch):
-    calls = []
-    monkeypatch.setattr(mer, "ipv6_enabled", lambda: False)
-    monkeypatch.setattr(mer, "run_together",
-                        lambda commands: calls.extend(argv + [stdin or ""] for argv, stdin in commands)
-                        or ["[]\n" * max(1, (stdin or "").count("\n")) for _, stdin in commands])
-    outputs = mer.read_outputs({name: name for name in ("ip", "iptables-save", "ip6tables-save")})
-    assert outputs["rule6"] == outputs["route6"] == outputs["mangle6"] == ""
-    assert not any("-6" in c or "ip6tables-save" in c for c in calls)
+def fake_reads(monkeypatch, ipv6):
+    """read_outputs with the programs and the kernel faked: (outputs, the
+    commands run, the kernel reads made)."""
+    commands, kernel = [], []
 
-
-def test_reads_sharing_their_ip_options_run_as_one_batch_split_by_line(monkeypatch):
-    calls = []
-
-    def run_together(commands):
-        calls.extend(commands)
-        return ["\n".join('[{"n": %d}]' % i for i in range(max(1, (stdin or "").count("\n")))) + "\n"
-                for _, stdin in commands]
-    monkeypatch.setattr(mer, "ipv6_enabled", lambda: True)
+    def run_together(given, alongside=None):
+        commands.extend(argv for argv, _ in given)
+        alongside()
+        return ["%s out" % argv[0] for argv, _ in given]
+    monkeypatch.setattr(mer, "ipv6_enabled", lambda: ipv6)
     monkeypatch.setattr(mer, "run_together", run_together)
-    outputs = mer.read_outputs({name: name for name in ("ip", "iptables-save", "ip6tables-save")})
+    monkeypatch.setattr(mer, "read_kernel", lambda names: kernel.extend(names) or {n: [n] for n in names})
+    outputs = mer.read_outputs({name: name for name in ("iptables-save", "ip6tables-save")})
+    return outputs, commands, kernel
+
+
+def test_ipv6_sources_read_as_empty_when_the_kernel_has_no_ipv6(monkeypatch):
+    outputs, commands, kernel = fake_reads(monkeypatch, ipv6=False)
+    assert outputs["rule6"] == outputs["route6"] == outputs["own6"] == outputs["mangle6"] == ""
+    assert commands == [["iptables-save", "-t", "mangle"]]
+    assert sorted(kernel) == ["addr", "own4", "route4", "rule4"]
+
+
+def test_the_kernel_is_read_in_this_process_while_the_save_programs_run(monkeypatch):
+    outputs, commands, kernel = fake_reads(monkeypatch, ipv6=True)
     assert sorted(outputs) == sorted(mer.ALL_SOURCES) and "link" not in outputs
-    assert ["ip", "-j", "-4", "-batch", "-"] in [argv for argv, _ in calls]
-    assert len(calls) == 5  # addr, the -4 batch, the -6 batch, iptables-save, ip6tables-save
-    batch4 = dict((tuple(argv), stdin) for argv, stdin in calls)[("ip", "-j", "-4", "-batch", "-")]
-    assert batch4 == "rule show\nroute show table main\nroute show table all proto %d\n" % mer.RT_PROTO
-    assert (outputs["rule4"], outputs["route4"], outputs["own4"]) == ('[{"n": 0}]', '[{"n": 1}]', '[{"n": 2}]')
+    assert commands == [["iptables-save", "-t", "mangle"], ["ip6tables-save", "-t", "mangle"]]
+    assert sorted(kernel) == ["addr", "own4", "own6", "route4", "route6", "rule4", "rule6"]
+    assert outputs["mangle6"] == "ip6tables-save out" and outputs["rule6"] == ["rule6"]
 
 
-def test_a_batch_printed_otherwise_has_each_read_run_alone(monkeypatch):
-    group = [(name, argv) for name, argv in mer.READ_COMMANDS if name in ("rule4", "route4")]
-    ran = []
-    monkeypatch.setattr(mer, "run", lambda argv, stdin=None: ran.append(argv) or "[%d]" % len(ran))
-    assert mer.read_split('[{"a": 1},\n {"b": 2}]\n', group, {"ip": "/sbin/ip"}) == ["[1]", "[2]"]
-    assert ran == [["/sbin/ip", "-j", "-4", "rule", "show"], ["/sbin/ip", "-j", "-4", "route", "show", "table", "main"]]
+def test_commands_run_alongside_this_processs_work_and_its_failure_waits_for_them(tmp_path):
+    done = tmp_path / "done"
+    seen = []
+    assert mer.run_together([(["echo", "one"], None)], alongside=lambda: seen.append(1)) == ["one\n"]
+    assert seen == [1]
+
+    def failing():
+        raise mer.ToolError("kernel read failed")
+    with pytest.raises(mer.ToolError, match="kernel read failed"):
+        mer.run_together([(["sh", "-c", "sleep 0.2; touch %s" % done], None)], alongside=failing)
+    assert done.exists()
+
+
+# -- Unit: rtnetlink messages as `ip -j` prints them (the lab compares the real ones). --
+
+def attribute(kind, value):
+    """One rtattr, padded to 4 bytes."""
+    data = mer.RTATTR.pack(mer.RTATTR.size + len(value), kind) + value
+    return data + b"\0" * (-len(data) % 4)
+
+
+def u32(value):
+    return mer.U32.pack(value)
+
+
+def rule_message(family=2, table=0, src_len=0, *attributes):
+    return mer.RTMSG.pack(family, 0, src_len, 0, table, 0, 0, 1, 0) + b"".join(attributes)
+
+
+def test_rules_decode_as_ip_prints_them():
+    ours = rule_message(2, 0, 24, attribute(mer.FRA_PRIORITY, u32(20301)), attribute(mer.FRA_TABLE, u32(22001)),
+                        attribute(mer.FRA_SRC, bytes([198, 51, 100, 0])), attribute(mer.FRA_PROTOCOL, b"\xe7"))
+    assert mer.rule_entry(2, ours) == {"priority": 20301, "src": "198.51.100.0", "srclen": 24, "dst": "all",
+                                       "protocol": 231, "table": 22001}
+    marked = rule_message(2, 0, 0, attribute(mer.FRA_PRIORITY, u32(20001)), attribute(mer.FRA_FWMARK, u32(0x200)),
+                          attribute(mer.FRA_FWMASK, u32(0x3F00)), attribute(mer.FRA_TABLE, u32(22001)),
+                          attribute(mer.FRA_IIFNAME, b"eth1\0"))
+    assert mer.rule_entry(2, marked) == {"priority": 20001, "src": "all", "dst": "all", "fwmark": "0x200",
+                                         "fwmask": "0x3f00", "iif": "eth1", "table": 22001}
+    main = rule_message(2, 254, 0, attribute(mer.FRA_PRIORITY, u32(20200)), attribute(mer.FRA_TABLE, u32(254)),
+                        attribute(mer.FRA_SUPPRESS_PREFIXLEN, u32(mer.UNSET)),
+                        attribute(mer.FRA_SUPPRESS_IFGROUP, u32(231)), attribute(mer.FRA_PROTOCOL, b"\xe7"))
+    assert mer.parse_rules([mer.rule_entry(2, main)], 4) == [mer.rule(4, 20200, 254, suppress_ifgroup=231)]
+    # priority 0 (the local table's rule carries none), a mark of 0 printed as C's %#x does, a goto: no table
+    assert mer.rule_entry(2, rule_message(2, 255, 0, attribute(mer.FRA_FWMARK, u32(0)),
+                                          attribute(mer.FRA_FWMASK, u32(0xFF)))) == {
+        "priority": 0, "src": "all", "dst": "all", "fwmark": "0", "fwmask": "0xff", "table": 255}
+    assert "table" not in mer.rule_entry(2, rule_message(2, 0, 0, attribute(mer.FRA_PRIORITY, u32(5))))
+
+
+def route_message(family, dst_len, table, protocol, kind=1, flags=0, *attributes):
+    return mer.RTMSG.pack(family, dst_len, 0, 0, table, protocol, 0, kind, flags) + b"".join(attributes)
+
+
+def test_routes_decode_as_ip_prints_them_and_the_filters_hold_without_the_kernels():
+    names = {3: "eth1"}
+    default = route_message(2, 0, 252, 231, 1, 0, attribute(mer.RTA_TABLE, u32(22001)),
+                            attribute(mer.RTA_GATEWAY, bytes([203, 0, 113, 1])), attribute(mer.RTA_OIF, u32(3)))
+    assert mer.route_entry(2, default, names, 0, 231) == {"dst": "default", "table": 22001, "protocol": 231,
+                                                          "gateway": "203.0.113.1", "dev": "eth1"}
+    assert mer.parse_routes([mer.route_entry(2, default, names, 0, 231)], 4) == [
+        mer.Route(4, 22001, "default", "203.0.113.1", "eth1")]
+    assert mer.route_entry(2, default, names, 254, 0) is None  # another table than main
+    subnet = route_message(10, 64, 254, 2, 1, 0, attribute(mer.RTA_TABLE, u32(254)),
+                           attribute(mer.RTA_DST, bytes.fromhex("20010db8000100000000000000000000")),
+                           attribute(mer.RTA_OIF, u32(9)))
+    assert mer.route_entry(10, subnet, names, 254, 0) == {"dst": "2001:db8:1::/64", "table": 254, "protocol": 2,
+                                                          "dev": "if9"}
+    assert mer.route_entry(10, subnet, names, 0, 231) is None  # another protocol
+    cached = route_message(10, 128, 254, 2, 1, mer.RTM_F_CLONED, attribute(mer.RTA_OIF, u32(3)))
+    assert mer.route_entry(10, cached, names, 254, 0) is None
+    blackhole = route_message(2, 8, 254, 4, 6, 0, attribute(mer.RTA_DST, bytes([198, 18, 0, 0])))
+    assert mer.parse_routes([mer.route_entry(2, blackhole, names, 254, 0)], 4) == []
+
+
+def test_links_and_addresses_decode_as_ip_prints_them():
+    def link(index, name, flags, kind=1, address=b"\x02\x00\x00\x00\x00\x01", *more):
+        return mer.IFINFO.pack(0, kind, index, flags, 0) + attribute(mer.IFLA_IFNAME, name + b"\0") + \
+            attribute(mer.IFLA_ADDRESS, address) + b"".join(more)
+    links = mer.link_entries([
+        link(2, b"eth0", mer.IFF_UP, 1, b"\x02\x00\x00\x00\x00\x01", attribute(mer.IFLA_GROUP, u32(231))),
+        link(3, b"br0", 0, 1, b"\x02\x00\x00\x00\x00\x02", attribute(mer.IFLA_GROUP, u32(0))),
+        link(4, b"veth0", mer.IFF_UP, 1, b"\x02\x00\x00\x00\x00\x03", attribute(mer.IFLA_MASTER, u32(3))),
+        link(5, b"gre1", 0, 778, bytes([198, 51, 100, 7]))])
+    assert [(e["ifname"], e["flags"], e.get("group"), e.get("master"), e["address"]) for e in links] == [
+        ("eth0", ["UP"], 231, None, "02:00:00:00:00:01"), ("br0", [], 0, None, "02:00:00:00:00:02"),
+        ("veth0", ["UP"], None, "br0", "02:00:00:00:00:03"), ("gre1", [], None, None, "198.51.100.7")]
+    global4 = mer.IFADDR.pack(2, 24, 0, 0, 2) + attribute(mer.IFA_ADDRESS, bytes([198, 51, 100, 10])) + \
+        attribute(mer.IFA_LOCAL, bytes([198, 51, 100, 10]))
+    link6 = mer.IFADDR.pack(10, 64, 0, 253, 2) + attribute(mer.IFA_ADDRESS, bytes.fromhex("fe80" + "00" * 13 + "01"))
+    elsewhere = mer.IFADDR.pack(2, 24, 0, 0, 99) + attribute(mer.IFA_LOCAL, bytes([203, 0, 113, 9]))
+    entries = mer.address_entries(links, [global4, link6, elsewhere])
+    assert entries[0]["addr_info"] == [
+        {"family": "inet", "local": "198.51.100.10", "prefixlen": 24, "scope": "global"},
+        {"family": "inet6", "local": "fe80::1", "prefixlen": 64, "scope": "link"}]
+    parsed = mer.parse_links(entries)
+    assert (parsed[0].addresses, parsed[0].group, parsed[1].group, parsed[2].master) == (
+        {4: (mer.LinkAddress("198.51.100.10", 24),), 6: ()}, 231, 0, "br0")
+
+
+class FakeNetlink:
+    """A netlink socket that answers each dump request with the next of `answers`."""
+
+    def __init__(self, *answers):
+        self.answers, self.sent = list(answers), []
+
+    def send(self, data):
+        self.sent.append(data)
+
+    def recv(self, size):
+        return self.answers.pop(0)
+
+
+def message(kind, payload, flags=0):
+    """A netlink message, padded to 4 bytes as the kernel sends it."""
+    data = mer.NLMSG_HEADER.pack(mer.NLMSG_HEADER.size + len(payload), kind, flags, 1, 0) + payload
+    return data + b"\0" * (-len(data) % 4)
+
+
+def test_a_dump_the_kernel_says_was_interrupted_is_read_again_and_an_error_is_raised():
+    interrupted = message(mer.RTM_NEWLINK, b"first", mer.NLM_F_DUMP_INTR) + message(mer.NLMSG_DONE, u32(0))
+    whole = message(mer.RTM_NEWLINK, b"again") + message(mer.RTM_NEWLINK, b"more")
+    sock = FakeNetlink(interrupted, whole, message(mer.NLMSG_DONE, u32(0)))
+    assert mer.netlink_dump(sock, mer.RTM_GETLINK, b"") == [b"again", b"more"]
+    assert len(sock.sent) == 2
+    refused = FakeNetlink(message(mer.NLMSG_ERROR, struct.pack("=i", -22) + b"\0" * 16))
+    with pytest.raises(OSError) as error:
+        mer.netlink_dump(refused, mer.RTM_GETROUTE, b"")
+    assert error.value.errno == 22
+    with pytest.raises(OSError, match="a netlink message of 40 bytes in 20"):  # cut short: never parsed
+        mer.netlink_dump(FakeNetlink(message(mer.RTM_NEWLINK, b"\0" * 24)[:20]), mer.RTM_GETLINK, b"")
 
 
 def test_routes_read_with_their_protocol_as_filter_are_the_tools():
@@ -646,6 +776,38 @@ def test_commands_run_together_report_the_first_failure_after_all_ended(tmp_path
     with pytest.raises(mer.CommandError, match="exited 3"):
         mer.run_together([(["sh", "-c", "exit 3"], None), (["sh", "-c", "sleep 0.2; touch %s" % done], None)])
     assert done.exists()
+
+
+def test_programs_are_fed_and_drained_at_once_whatever_their_size():
+    text = "".join("line %d\n" % n for n in range(200000))  # 2.3 MB: many times a pipe's buffer each way
+    assert mer.run_together([(["cat"], text), (["cat"], "small\n")]) == [text, "small\n"]
+    assert mer.run(["true"], text) == ""  # it never reads its input: done without an error
+
+
+def test_a_program_runs_with_sigpipe_as_programs_expect_and_a_killed_one_says_its_signal():
+    status = dict(line.split(":\t") for line in mer.run(["cat", "/proc/self/status"]).splitlines()
+                  if line.startswith("SigIgn"))
+    assert not int(status["SigIgn"], 16) >> (signal.SIGPIPE - 1) & 1  # Python ignores it; the child does not
+    with pytest.raises(mer.CommandError) as error:
+        mer.run(["sh", "-c", "kill -9 $$"])
+    assert error.value.returncode == -9
+
+
+def test_programs_are_killed_and_reaped_when_a_signal_handler_stops_the_wait():
+    def stop(signum, frame):
+        raise RuntimeError("stopped")
+    before = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError):
+            mer.run_together([(["sleep", "30"], None), (["cat"], None)])
+        assert time.monotonic() - started < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    with pytest.raises(ChildProcessError):  # no child left, not even a zombie
+        os.waitpid(-1, os.WNOHANG)
 
 
 def test_a_kernel_without_rule_protocols_is_refused(monkeypatch, capsys):
