@@ -520,7 +520,7 @@ def read_kernel(names):
                 family = INET_FAMILIES[int(name[-1])]
                 table, protocol = (TABLE_MAIN, 0) if name.startswith("route") else (0, RT_PROTO)
                 names_of = {entry["ifindex"]: entry["ifname"] for entry in links}
-                payloads = netlink_dump(sock, RTM_GETROUTE, RTMSG.pack(family, 0, 0, 0, table, protocol, 0, 0, 0))
+                payloads = route_dump(sock, RTMSG.pack(family, 0, 0, 0, table, protocol, 0, 0, 0))
                 outputs[name] = [entry for entry in (route_entry(family, payload, names_of, table, protocol)
                                                      for payload in payloads) if entry]
         return outputs
@@ -529,6 +529,18 @@ def read_kernel(names):
                         % (exc.strerror or exc))
     finally:
         sock.close()
+
+
+def route_dump(sock, body):
+    """A route dump's payloads; none where the kernel, filtering by table
+    (strict checking), says the table does not exist (ENOENT): a namespace
+    with no route at all has no main table yet, and `ip` prints nothing."""
+    try:
+        return netlink_dump(sock, RTM_GETROUTE, body)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return []
+        raise
 
 
 def netlink_dump(sock, request, body):
