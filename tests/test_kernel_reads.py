@@ -5,6 +5,7 @@ give the same System and the same plan, before the tool's apply and after.
 Needs root; builds namespaces named mer-<id>-*.
 """
 
+import errno
 import json
 import os
 import subprocess
@@ -145,3 +146,26 @@ def test_a_namespace_without_any_route_reads_as_ip_j_prints_it(empty_netns, tmp_
     flush = subprocess.run(["ip", "netns", "exec", empty_netns, sys.executable, mer.__file__, "-f",
                             "--state-dir", str(tmp_path)], capture_output=True, text=True)
     assert flush.returncode == 0, flush.stderr
+
+
+@pytest.mark.parametrize("error, outcome", [
+    (errno.ENOENT, []),  # the table does not exist yet: no routes
+    (errno.EPERM, "reading the kernel's links, addresses, rules and routes (netlink) failed: "
+                  "Operation not permitted"),
+])
+def test_a_route_dump_refused_by_the_kernel(monkeypatch, error, outcome):
+    """Only "no such table" reads as no routes; any other refusal is the one
+    error type, one line for the user (read-only: the reads only ask)."""
+    dump = mer.netlink_dump
+
+    def refusing(sock, request, body):
+        if request == mer.RTM_GETROUTE:
+            raise OSError(error, os.strerror(error))
+        return dump(sock, request, body)
+    monkeypatch.setattr(mer, "netlink_dump", refusing)
+    if isinstance(outcome, list):
+        assert mer.read_kernel(["route4"]) == {"route4": outcome}
+    else:
+        with pytest.raises(mer.ToolError) as raised:
+            mer.read_kernel(["route4"])
+        assert str(raised.value) == outcome

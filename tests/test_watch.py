@@ -688,6 +688,24 @@ def test_the_metrics_file_says_what_the_lab_shows(make_lab, watching):
     assert types["multi_eni_routing_eni_routed"] == "gauge"
 
 
+def test_an_unwritable_metrics_file_is_said_once_and_written_once_it_can_be(tmp_path, capsys):
+    """The textfile directory missing (node_exporter not installed yet): one
+    warning, not one per converge; once it exists the file is written, and a
+    new failure is said again."""
+    path = tmp_path / "collector" / "multi-eni-routing.prom"
+    metrics = mer.Metrics(str(path))
+    counts = {"requests": 0, "errors": 0}
+    metrics.failed(counts)
+    metrics.failed(counts)
+    assert capsys.readouterr().err.count("cannot write the metrics file") == 1
+    path.parent.mkdir()
+    metrics.failed(counts)
+    assert "multi_eni_routing_converge_failures_total 3" in path.read_text()
+    shutil.rmtree(str(path.parent))
+    metrics.failed(counts)
+    assert capsys.readouterr().err.count("cannot write the metrics file") == 1
+
+
 def test_the_metrics_file_counts_failed_converges(make_lab, watching):
     lab = make_lab(enis=2)
     metrics = os.path.join(lab.tmpdir, "multi-eni-routing.prom")
