@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import fresh_root
 from lab import inside_netns
 from recorded import mer
 
@@ -122,12 +123,8 @@ def empty_netns():
     """A namespace as `ip netns add` makes it: lo down, no address, no route,
     so no main table yet (a chroot's scratch namespace, an instance's
     container before its network is up). Deleted afterwards."""
-    name = "mer-empty-%d" % os.getpid()
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-    try:
+    with fresh_root.scratch_netns() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def test_a_namespace_without_any_route_reads_as_ip_j_prints_it(empty_netns, tmp_path):
